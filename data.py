@@ -1,0 +1,225 @@
+"""Datasets: finding or downloading them, the demo data, the tf.data pipeline.
+
+A dataset is a folder in the layout of the official CycleGAN zips:
+trainA/, trainB/, testA/, testB/ (and, where the truth is known,
+testA_truth/ with G_AB's ideal output under the same file names).
+"""
+import os
+import shutil
+import socket
+import warnings
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from config import UserError
+
+OFFICIAL_DATASETS = (
+    "apple2orange", "summer2winter_yosemite", "horse2zebra", "monet2photo",
+    "cezanne2photo", "ukiyoe2photo", "vangogh2photo", "maps", "cityscapes",
+    "facades", "iphone2dslr_flower", "ae_photos",
+)
+OFFICIAL_URL = "https://people.eecs.berkeley.edu/~taesung_park/CycleGAN/datasets/{}.zip"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+DOWNLOAD_TIMEOUT_S = 15
+
+
+class DataError(UserError):
+    """A dataset problem the user must fix; its message is one line."""
+
+
+class SkippedImagesWarning(UserWarning):
+    """Some image files could not be read and are left out."""
+
+
+def resolve_dataset(data, datasets_dir="datasets"):
+    """Path of the dataset folder for `--data`: a path, `demo`, or an official name."""
+    if data == "demo":
+        return make_demo_dataset(Path(datasets_dir) / "demo")
+    if data in OFFICIAL_DATASETS:
+        folder = Path(datasets_dir) / data
+        return folder if folder.is_dir() else download_official(data, datasets_dir)
+    folder = Path(data)
+    if not folder.is_dir():
+        raise DataError(f"--data {data!r} is neither a folder nor one of: demo, "
+                        + ", ".join(OFFICIAL_DATASETS))
+    return folder
+
+
+def download_official(name, datasets_dir):
+    """Download and unzip an official CycleGAN dataset into datasets_dir/name."""
+    url = OFFICIAL_URL.format(name)
+    root = Path(datasets_dir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # get_file itself never times out
+    try:
+        import keras
+        archive = keras.utils.get_file(f"{name}.zip", url, cache_dir=str(root), cache_subdir=".")
+    except Exception as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise DataError(f"could not download {name} ({reason}); fetch {url} by hand and unzip it "
+                        f"so that {root / name}/trainA and trainB exist") from None
+    finally:
+        socket.setdefaulttimeout(previous)
+    shutil.unpack_archive(archive, root)
+    os.remove(archive)
+    return root / name
+
+
+def list_images(folder):
+    """Image files in `folder`, sorted, hidden files and other types left out."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"missing folder {folder}")
+    return sorted(str(p) for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".")
+                  and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def is_readable_image(path):
+    """True when TensorFlow can decode the file as a non-empty image."""
+    try:
+        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        return image.shape[0] > 0 and image.shape[1] > 0
+    except (tf.errors.OpError, ValueError):
+        return False
+
+
+def domain_files(root, split, domain, limit=0):
+    """Readable images of one split/domain (e.g. train, A); warns about the rest."""
+    folder = Path(root) / f"{split}{domain}"
+    files = list_images(folder)
+    if limit:
+        files = files[:limit]
+    bad = [f for f in files if not is_readable_image(f)]
+    if bad:
+        warnings.warn(f"skipping {len(bad)} unreadable image(s) in {folder}: "
+                      + ", ".join(os.path.basename(f) for f in bad), SkippedImagesWarning)
+        files = [f for f in files if f not in bad]
+    if not files:
+        raise DataError(f"no usable images in {folder}")
+    return files
+
+
+def load_image(path, size):
+    """Decode any supported file to RGB, resize to size x size, scale to [-1, 1]."""
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    image = tf.image.resize(tf.cast(image, tf.float32), (size, size), antialias=True)
+    return image / 127.5 - 1.0
+
+
+def augment(image, crop_size, seed=None):
+    """Random crop to crop_size (a no-op when already that size), random flip."""
+    image = tf.image.random_crop(image, (crop_size, crop_size, 3), seed=seed)
+    return tf.image.random_flip_left_right(image, seed=seed)
+
+
+def domain_dataset(files, cfg, seed):
+    """Endless shuffled, augmented, batched images of one domain.
+
+    Each domain reshuffles on its own as it runs out, so unpaired domains
+    of different sizes never pair A[i] with B[i].
+    """
+    load_px = cfg.load_px
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.map(lambda p: augment(load_image(p, load_px), cfg.image_size),
+                num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.batch(cfg.batch_size, drop_remainder=True)
+
+
+def train_dataset(files_a, files_b, cfg):
+    """Endless (batch_A, batch_B) pairs, prefetched."""
+    pairs = tf.data.Dataset.zip((domain_dataset(files_a, cfg, cfg.seed),
+                                 domain_dataset(files_b, cfg, cfg.seed + 1)))
+    return pairs.prefetch(tf.data.AUTOTUNE)
+
+
+def steps_per_epoch(files_a, files_b, cfg):
+    """max(|A|, |B|) / batch, as the official implementation, unless set."""
+    return cfg.steps_per_epoch or max(1, max(len(files_a), len(files_b)) // cfg.batch_size)
+
+
+def load_batch(files, size):
+    """A fixed batch of images (no augmentation) for samples and evaluation."""
+    return tf.stack([load_image(f, size) for f in files])
+
+
+# --- Built-in demo data -------------------------------------------------
+
+DEMO_SIZE = 64
+DEMO_COUNTS = {"train": 120, "test": 8}
+
+
+def demo_translation(image):
+    """The demo's known A->B mapping: a colour negative (uint8 in, uint8 out)."""
+    return 255 - image
+
+
+def demo_scene(rng, size=DEMO_SIZE):
+    """A pale background with a few saturated warm shapes (uint8 HxWx3)."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    image = np.empty((size, size, 3), np.float32)
+    image[:] = rng.uniform(200, 250, 3)
+    for _ in range(rng.integers(2, 5)):
+        colour = rng.uniform([150, 20, 0], [255, 160, 60])
+        cy, cx = rng.uniform(0, size, 2)
+        r = rng.uniform(size / 10, size / 4)
+        if rng.random() < 0.5:
+            mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r ** 2
+        else:
+            mask = (abs(yy - cy) < r) & (abs(xx - cx) < r * rng.uniform(0.4, 1.0))
+        image[mask] = colour
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def make_demo_dataset(folder):
+    """Write (once) a small two-domain dataset with a known A->B truth.
+
+    Domain B holds the demo translation of other scenes than domain A, so
+    the training data is unpaired; testA_truth/ holds the translation of
+    each testA image.
+    """
+    folder = Path(folder)
+    if (folder / "testA_truth").is_dir():
+        return folder
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    rng = np.random.default_rng(1234)
+    for split, count in DEMO_COUNTS.items():
+        for sub in ("A", "B") + (("A_truth",) if split == "test" else ()):
+            (staging / f"{split}{sub}").mkdir(parents=True)
+        for i in range(count):
+            name = f"{i:04d}.png"
+            scene_a = demo_scene(rng)
+            write_png(staging / f"{split}A" / name, scene_a)
+            write_png(staging / f"{split}B" / name, demo_translation(demo_scene(rng)))
+            if split == "test":
+                write_png(staging / "testA_truth" / name, demo_translation(scene_a))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(staging, folder)
+    return folder
+
+
+def write_png(path, image):
+    tf.io.write_file(str(path), tf.io.encode_png(image))
+
+
+def read_image(path):
+    """One image file at its own size as HxWx3 float32 in [-1, 1]."""
+    try:
+        image = tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False)
+    except (tf.errors.OpError, ValueError):
+        raise DataError(f"cannot read image {path}") from None
+    return image.numpy().astype(np.float32) / 127.5 - 1.0
+
+
+def write_image(path, image):
+    """Write a [-1, 1] image; the file name's extension picks the format."""
+    from PIL import Image
+    pixels = np.round((np.clip(image, -1, 1) + 1) * 127.5).astype(np.uint8)
+    tmp = Path(path).with_name(f".{Path(path).stem}.tmp{Path(path).suffix}")
+    Image.fromarray(pixels).save(tmp, format=Image.registered_extensions().get(Path(path).suffix.lower(), "PNG"))
+    os.replace(tmp, path)

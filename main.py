@@ -1,0 +1,216 @@
+"""CycleGAN (Keras 3): train, translate images, summarise the models.
+
+    python main.py --data monet2photo          # train (the default command)
+    python main.py translate --generator G.h5 --input DIR --output DIR
+    python main.py summary --preset paper --image-size 256
+"""
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import warnings
+from collections import defaultdict
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's start-up chatter out
+
+import config  # noqa: E402
+
+COMMANDS = ("train", "translate", "summary")
+SAMPLE_COUNT = 3
+
+
+class CliError(config.UserError):
+    """A user mistake reported as one line, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise CliError(message)
+
+
+def add_config_flags(parser):
+    """One flag per Config field, defaulting to None so presets fill the gaps."""
+    for field in dataclasses.fields(config.Config):
+        flag = "--" + field.name.replace("_", "-")
+        if field.type is bool or isinstance(field.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+        else:
+            parser.add_argument(flag, type=type(field.default), default=None,
+                                choices=config.CHOICES.get(field.name))
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start the run NAME again, replacing its results")
+
+
+def build_parser():
+    parser = Parser(prog="main.py", description=__doc__,
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command")
+    add_config_flags(commands.add_parser("train", help="train a CycleGAN (default)"))
+    translate = commands.add_parser("translate", help="translate images with a saved generator")
+    translate.add_argument("--generator", required=True, help="a saved generator .h5")
+    translate.add_argument("--input", required=True, help="an image file or a folder of images")
+    translate.add_argument("--output", required=True, help="folder for the translated images")
+    summary = commands.add_parser("summary", help="print the models' sizes and outputs")
+    summary.add_argument("--preset", default="book", choices=tuple(config.PRESETS))
+    summary.add_argument("--image-size", type=int, default=None)
+    for sub in commands.choices.values():
+        sub.error = parser.error
+    return parser
+
+
+def parse_args(argv):
+    if not argv or argv[0] not in COMMANDS + ("-h", "--help"):
+        argv = ["train"] + list(argv)
+    return build_parser().parse_args(argv)
+
+
+def config_from_args(args):
+    """The Config for a train command: preset, then demo defaults, then flags."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config.Config)}
+    given = {k: v for k, v in given.items() if v is not None}
+    preset = given.pop("preset", "book")
+    data = given.setdefault("data", "demo")
+    if data == "demo":
+        given = {**config.DEMO_DEFAULTS, **given}
+    given.setdefault("name", Path(data).name or "run")
+    return config.make_config(preset, **given)
+
+
+# --- train -----------------------------------------------------------------
+
+def run_paths(cfg):
+    root = Path(cfg.results_dir) / cfg.name
+    return {"root": root, "samples": root / "samples", "models": root / "models",
+            "history": root / "losses.csv", "curves": root / "loss_curves.png",
+            "config": root / "config.json"}
+
+
+def prepare_run_folder(cfg, paths, overwrite):
+    if paths["root"].exists() and any(paths["root"].iterdir()):
+        if not overwrite:
+            raise CliError(f"{paths['root']} already holds a run; pass --overwrite to replace it "
+                           "or --name to start another")
+        import shutil
+        shutil.rmtree(paths["root"])
+        shutil.rmtree(Path(cfg.log_dir) / cfg.name, ignore_errors=True)
+    paths["samples"].mkdir(parents=True, exist_ok=True)
+    paths["config"].write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+
+
+def sample_files(root, domain, cfg):
+    """A few fixed test images (train images when there is no test split)."""
+    import data
+    try:
+        return data.domain_files(root, "test", domain)[:SAMPLE_COUNT]
+    except data.DataError:
+        return data.domain_files(root, "train", domain, cfg.limit)[:SAMPLE_COUNT]
+
+
+def train(cfg, overwrite=False):
+    import keras
+    import data
+    import models
+    import train_utils as tu
+
+    if cfg.data == "demo":
+        print("Training on the built-in demo data (pass --data NAME or --data PATH for your own).")
+    root = data.resolve_dataset(cfg.data)
+    files_a = data.domain_files(root, "train", "A", cfg.limit)
+    files_b = data.domain_files(root, "train", "B", cfg.limit)
+    paths = run_paths(cfg)
+    prepare_run_folder(cfg, paths, overwrite)
+    show_a = data.load_batch(sample_files(root, "A", cfg), cfg.image_size)
+    show_b = data.load_batch(sample_files(root, "B", cfg), cfg.image_size)
+
+    keras.utils.set_random_seed(cfg.seed)
+    gan = models.build_cyclegan(cfg)
+    logger = tu.TensorBoardLogger(cfg.log_dir, cfg.name)
+    logger.graph(gan.g_ab)
+    logger.graph(gan.d_a)
+    pools = (tu.ImagePool(cfg.pool_size, cfg.seed), tu.ImagePool(cfg.pool_size, cfg.seed + 1))
+    history = tu.LossHistory(paths["history"])
+    batches = iter(data.train_dataset(files_a, files_b, cfg))
+    steps = data.steps_per_epoch(files_a, files_b, cfg)
+    print(f"{len(files_a)} A and {len(files_b)} B images, {steps} steps per epoch, "
+          f"{cfg.total_epochs} epochs; TensorBoard: tensorboard --logdir {cfg.log_dir}")
+
+    step = 0
+    for epoch in range(1, cfg.total_epochs + 1):
+        lr = tu.learning_rate(epoch - 1, cfg)
+        tu.set_learning_rate(gan, lr)
+        print(f"Epoch {epoch}/{cfg.total_epochs} (learning rate {lr:.3g})")
+        bar = keras.utils.Progbar(steps, stateful_metrics=tu.LOSS_NAMES)
+        sums = defaultdict(float)
+        for i in range(steps):
+            real_a, real_b = next(batches)
+            losses = tu.train_step(gan, real_a, real_b, pools, cfg)
+            step += 1
+            for key, value in losses.items():
+                sums[key] += value
+            if step % cfg.log_every == 0:
+                logger.scalars({**losses, "learning_rate": lr}, step)
+            bar.update(i + 1, [(k, losses[k]) for k in ("D_A", "D_B", "G_total")])
+        history.append(epoch, {k: v / steps for k, v in sums.items()})
+        last = epoch == cfg.total_epochs
+        if epoch % cfg.sample_every == 0 or last:
+            grid = paths["samples"] / f"epoch_{epoch:04d}.png"
+            tu.save_sample_grid(gan, show_a, show_b, grid, f"{cfg.name}, epoch {epoch}")
+            logger.image_file("samples", grid, step)
+        if epoch % cfg.save_every == 0 or last:
+            tu.save_models(gan, paths["models"])
+        logger.flush()
+    tu.save_loss_curves(history, paths["curves"])
+    print(f"Done: samples, loss curves and models in {paths['root']}")
+
+
+# --- translate -------------------------------------------------------------
+
+def translate(generator_path, input_path, output_dir):
+    import data
+    import models
+    generator = models.load_generator(generator_path)
+    files = [input_path] if Path(input_path).is_file() else data.list_images(input_path)
+    if not files:
+        raise CliError(f"no images found in {input_path}")
+    Path(output_dir).mkdir(parents=True, exist_ok=True)
+    for path in files:
+        image = data.read_image(path)
+        out = models.translate_any_size(generator, image)
+        data.write_image(Path(output_dir) / Path(path).name, out)
+    print(f"Translated {len(files)} image(s) into {output_dir}")
+
+
+# --- summary ---------------------------------------------------------------
+
+def summary(preset, image_size):
+    import models
+    cfg = config.make_config(preset, image_size=image_size)
+    gan = models.build_cyclegan(cfg)
+    for model in (gan.g_ab, gan.g_ba, gan.d_a, gan.d_b):
+        print(f"{model.name} params={model.count_params()}")
+    print(f"discriminator output={'x'.join(map(str, gan.patch_shape))} "
+          f"receptive_field={models.receptive_field(gan.d_a)}px at {cfg.image_size}px input")
+    for name, loss, weight in zip(models.OUTPUT_NAMES, models.OUTPUT_LOSSES, cfg.loss_weights):
+        print(f"adversarial output {name}: loss={loss} weight={weight:g}")
+
+
+def main(argv=None):
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        if args.command == "translate":
+            translate(args.generator, args.input, args.output)
+        elif args.command == "summary":
+            summary(args.preset, args.image_size)
+        else:
+            train(config_from_args(args), overwrite=args.overwrite)
+    except config.UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    warnings.simplefilter("default")
+    sys.exit(main())

@@ -1,0 +1,211 @@
+"""Network builders: generators, PatchGAN discriminators, the adversarial model.
+
+Every builder is a pure function of a `config.Config`; nothing here trains.
+"""
+from dataclasses import dataclass
+
+import keras
+import tensorflow as tf
+from keras import layers
+
+from cyclegan_layers import ReflectionPadding2D
+
+OUTPUT_NAMES = ("adv_A", "adv_B", "cycle_A", "cycle_B", "identity_A", "identity_B")
+OUTPUT_LOSSES = ("mse", "mse", "mae", "mae", "mae", "mae")
+
+
+def kernel_init(cfg):
+    if cfg.init == "normal":
+        return keras.initializers.RandomNormal(0.0, 0.02)
+    return "glorot_uniform"
+
+
+def norm_layer(kind, cfg):
+    """Instance norm is GroupNormalization with one group per channel.
+
+    The chapter's `InstanceNormalization(axis=1)` on channels-last tensors
+    normalised over image rows; this normalises each channel over H and W.
+    """
+    if kind == "batch":
+        return layers.BatchNormalization(momentum=0.9, epsilon=1e-5)
+    return layers.GroupNormalization(
+        groups=-1, epsilon=1e-5, center=cfg.norm_affine, scale=cfg.norm_affine)
+
+
+def conv(x, filters, kernel, strides, cfg, use_bias=True):
+    """A conv that keeps 'same' geometry with zero or reflection padding."""
+    if cfg.padding == "reflect" and strides == 1 and kernel > 1:
+        x = ReflectionPadding2D(kernel // 2)(x)
+        padding = "valid"
+    else:
+        padding = "same"
+    return layers.Conv2D(filters, kernel, strides, padding=padding, use_bias=use_bias,
+                         kernel_initializer=kernel_init(cfg))(x)
+
+
+def conv_norm_relu(x, filters, kernel, strides, cfg):
+    x = conv(x, filters, kernel, strides, cfg)
+    x = norm_layer(cfg.norm, cfg)(x)
+    return layers.Activation("relu")(x)
+
+
+def residual_block(x, cfg):
+    """Two 3x3 convs with a skip connection and no activation after the add."""
+    width = x.shape[-1]
+    y = conv(x, width, 3, 1, cfg)
+    y = norm_layer(cfg.res_norm, cfg)(y)
+    y = layers.Activation("relu")(y)
+    y = conv(y, width, 3, 1, cfg)
+    y = norm_layer(cfg.res_norm, cfg)(y)
+    return layers.Add()([y, x])
+
+
+def upsample_block(x, filters, cfg):
+    """Doubles height and width: transposed conv, or resize then conv.
+
+    A transposed conv's bias is redundant before an instance norm with an
+    offset, so the chapter leaves it out; the paper (no offset) keeps it.
+    """
+    if cfg.upsample == "resize":
+        x = layers.UpSampling2D(2, interpolation="nearest")(x)
+        x = conv(x, filters, 3, 1, cfg)
+    else:
+        x = layers.Conv2DTranspose(filters, 3, 2, padding="same", use_bias=not cfg.norm_affine,
+                                   kernel_initializer=kernel_init(cfg))(x)
+    x = norm_layer(cfg.norm, cfg)(x)
+    return layers.Activation("relu")(x)
+
+
+def build_generator(cfg, name="generator"):
+    """Encoder, residual blocks, decoder; any input size divisible by 4."""
+    inputs = keras.Input((None, None, 3), name="image")
+    f = cfg.filters
+    x = conv_norm_relu(inputs, f, 7, 1, cfg)
+    x = conv_norm_relu(x, 2 * f, 3, 2, cfg)
+    x = conv_norm_relu(x, 4 * f, 3, 2, cfg)
+    for _ in range(cfg.n_res_blocks):
+        x = residual_block(x, cfg)
+    x = upsample_block(x, 2 * f, cfg)
+    x = upsample_block(x, f, cfg)
+    x = conv(x, 3, 7, 1, cfg)
+    outputs = layers.Activation("tanh")(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def disc_strides(cfg):
+    """Strides of the three normalised conv blocks: the 70x70 PatchGAN's last is 1."""
+    return (2, 2, 1) if cfg.disc == "patch70" else (2, 2, 2)
+
+
+def build_discriminator(cfg, name="discriminator"):
+    """PatchGAN: one real/fake score per overlapping image patch."""
+    inputs = keras.Input((cfg.image_size, cfg.image_size, 3), name="image")
+    x = layers.ZeroPadding2D(1)(inputs)
+    x = layers.Conv2D(64, 4, 2, kernel_initializer=kernel_init(cfg))(x)
+    x = layers.LeakyReLU(0.2)(x)
+    for i, strides in enumerate(disc_strides(cfg), start=1):
+        x = layers.ZeroPadding2D(1)(x)
+        x = layers.Conv2D(64 * 2 ** i, 4, strides, kernel_initializer=kernel_init(cfg))(x)
+        x = norm_layer("instance", cfg)(x)
+        x = layers.LeakyReLU(0.2)(x)
+    x = layers.ZeroPadding2D(1)(x)
+    outputs = layers.Conv2D(1, 4, 1, activation=cfg.disc_activation,
+                            kernel_initializer=kernel_init(cfg))(x)
+    return keras.Model(inputs, outputs, name=name)
+
+
+def receptive_field(model):
+    """Input pixels seen by one output unit, from the conv layers' kernels and strides."""
+    field = 1
+    for layer in reversed(model.layers):
+        if isinstance(layer, layers.Conv2D):
+            field = (field - 1) * layer.strides[0] + layer.kernel_size[0]
+    return field
+
+
+def make_optimizer(cfg):
+    # One per compiled model: Keras 3 refuses an optimizer shared by several.
+    return keras.optimizers.Adam(cfg.lr, beta_1=cfg.beta1)
+
+
+def build_adversarial_model(g_ab, g_ba, d_a, d_b, cfg):
+    """[real_A, real_B] -> the six generator-loss outputs, discriminators frozen."""
+    shape = (cfg.image_size, cfg.image_size, 3)
+    real_a = keras.Input(shape, name="real_A")
+    real_b = keras.Input(shape, name="real_B")
+    fake_b = g_ab(real_a)
+    fake_a = g_ba(real_b)
+    outputs = [d_a(fake_a), d_b(fake_b), g_ba(fake_b), g_ab(fake_a), g_ba(real_a), g_ab(real_b)]
+    outputs = [layers.Identity(name=n)(o) for n, o in zip(OUTPUT_NAMES, outputs)]
+    d_a.trainable = False
+    d_b.trainable = False
+    model = keras.Model([real_a, real_b], outputs, name="adversarial")
+    model.compile(optimizer=make_optimizer(cfg), loss=list(OUTPUT_LOSSES),
+                  loss_weights=cfg.loss_weights)
+    return model
+
+
+@dataclass
+class CycleGAN:
+    """The four networks, the compiled adversarial model and a compiled translator."""
+    g_ab: keras.Model
+    g_ba: keras.Model
+    d_a: keras.Model
+    d_b: keras.Model
+    adversarial: keras.Model
+
+    def __post_init__(self):
+        # Inference mode, as the chapter's `predict`, but one compiled call
+        # for both directions instead of two `predict` runs per step.
+        @tf.function(reduce_retracing=True)
+        def translate(real_a, real_b):
+            return self.g_ab(real_a, training=False), self.g_ba(real_b, training=False)
+        self.translate = translate
+
+    @property
+    def patch_shape(self):
+        """Discriminator output shape (no batch axis): the shape of its labels."""
+        return tuple(self.d_a.output.shape[1:])
+
+    def set_discriminators_trainable(self, flag):
+        # Keras 3 reads `trainable` on every train_on_batch, so the flag
+        # must be True for the D updates and False for the adversarial one.
+        self.d_a.trainable = flag
+        self.d_b.trainable = flag
+
+
+def build_cyclegan(cfg):
+    """Two generators, two compiled discriminators, one compiled adversarial model."""
+    g_ab = build_generator(cfg, "generator_AtoB")
+    g_ba = build_generator(cfg, "generator_BtoA")
+    d_a = build_discriminator(cfg, "discriminator_A")
+    d_b = build_discriminator(cfg, "discriminator_B")
+    for d in (d_a, d_b):
+        d.compile(optimizer=make_optimizer(cfg), loss="mse")
+    adversarial = build_adversarial_model(g_ab, g_ba, d_a, d_b, cfg)
+    return CycleGAN(g_ab, g_ba, d_a, d_b, adversarial)
+
+
+def load_generator(path):
+    """A saved generator, checked to map RGB images to RGB images."""
+    from config import UserError
+    if not str(path).endswith((".h5", ".keras")) or not tf.io.gfile.exists(str(path)):
+        raise UserError(f"--generator {path} is not an existing .h5 or .keras file")
+    try:
+        model = keras.models.load_model(path, compile=False)
+    except Exception as error:
+        raise UserError(f"--generator {path} is not a loadable Keras model "
+                        f"({type(error).__name__})") from None
+    if (not isinstance(model.input, keras.KerasTensor) or len(model.input.shape) != 4
+            or model.input.shape[-1] != 3 or tuple(model.output.shape[-1:]) != (3,)):
+        raise UserError(f"--generator {path} is not an image-to-image generator "
+                        f"(input {model.input_shape}, output {model.output_shape})")
+    return model
+
+
+def translate_any_size(generator, image):
+    """Translate one HxWx3 [-1, 1] image of any size: edge-pad to a multiple of 4, crop back."""
+    import numpy as np
+    h, w = image.shape[:2]
+    padded = np.pad(image, ((0, -h % 4), (0, -w % 4), (0, 0)), mode="edge")
+    return np.asarray(generator(padded[None], training=False)[0])[:h, :w]
