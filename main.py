@@ -13,7 +13,7 @@ import warnings
 from collections import defaultdict
 from pathlib import Path
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # keep TensorFlow's start-up chatter out
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import config  # noqa: E402
 
@@ -58,6 +58,24 @@ def build_parser():
     for sub in commands.choices.values():
         sub.error = parser.error
     return parser
+
+
+def import_tensorflow_quietly():
+    """Import TensorFlow and find its devices with C++ start-up logging muted.
+
+    Its native code writes CUDA probing notes straight to file descriptor 2,
+    past TF_CPP_MIN_LOG_LEVEL; they would bury our one-line messages.
+    """
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            import tensorflow as tf
+            tf.config.list_physical_devices()
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
 
 
 def parse_args(argv):
@@ -199,6 +217,7 @@ def summary(preset, image_size):
 def main(argv=None):
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
+        import_tensorflow_quietly()
         if args.command == "translate":
             translate(args.generator, args.input, args.output)
         elif args.command == "summary":

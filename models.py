@@ -168,8 +168,10 @@ class CycleGAN:
         return tuple(self.d_a.output.shape[1:])
 
     def set_discriminators_trainable(self, flag):
-        # Keras 3 reads `trainable` on every train_on_batch, so the flag
-        # must be True for the D updates and False for the adversarial one.
+        # Keras 3 (unlike Keras 2) takes `trainable` from the moment a model's
+        # train function is first built, not from compile: True before each
+        # D update and False before each adversarial update keeps both right
+        # whichever runs first.
         self.d_a.trainable = flag
         self.d_b.trainable = flag
 

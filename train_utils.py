@@ -180,7 +180,8 @@ def save_sample_grid(gan, batch_a, batch_b, path, title):
     for i in range(len(batch_a)):
         rows.append(((batch_a[i], "original A"), (fake_b[i], "generated B"), (rec_a[i], "reconstructed A")))
         rows.append(((batch_b[i], "original B"), (fake_a[i], "generated A"), (rec_b[i], "reconstructed B")))
-    fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.6 * len(rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.6 * len(rows)), squeeze=False,
+                             layout="constrained")
     for ax_row, row in zip(axes, rows):
         for ax, (image, label) in zip(ax_row, row):
             ax.imshow(to_unit(image))

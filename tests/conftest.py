@@ -1,0 +1,42 @@
+"""Shared fixtures: the project on sys.path and small image datasets made on the spot."""
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def pytest_configure(config):
+    # Keras's own numpy-2 deprecation notice, raised inside keras, hundreds of times.
+    config.addinivalue_line("filterwarnings", "ignore:__array__ implementation:DeprecationWarning")
+
+
+def write_images(folder, count, size=40, seed=0, colour=None):
+    """`count` random PNGs of size x size in `folder`; returns their paths."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(count):
+        pixels = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        if colour is not None:
+            pixels[:] = colour
+        path = folder / f"img_{i:03d}.png"
+        Image.fromarray(pixels).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path):
+    """trainA/trainB/testA/testB with a handful of 40x40 images each."""
+    root = tmp_path / "tiny"
+    for i, (sub, count) in enumerate((("trainA", 5), ("trainB", 3), ("testA", 2), ("testB", 2))):
+        write_images(root / sub, count, seed=i)
+    return root

@@ -1,0 +1,121 @@
+"""The command line as a user runs it: real processes, real files."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, write_images
+from test_training import read_tensorboard
+
+import main
+
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
+
+
+def run_cli(*args, cwd, check=True):
+    result = subprocess.run([sys.executable, str(ROOT / "main.py"), *map(str, args)],
+                            cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One short end-to-end training run on tiny images, shared by the tests below."""
+    work = tmp_path_factory.mktemp("cli")
+    for i, (sub, count) in enumerate((("trainA", 4), ("trainB", 3), ("testA", 2), ("testB", 2))):
+        write_images(work / "data" / sub, count, size=48, seed=i)
+    result = run_cli("--data", "data", "--image-size", 32, "--epochs", 2, "--sample-every", 1,
+                     "--save-every", 1, "--name", "tiny", cwd=work)
+    return work, result
+
+
+def test_training_writes_every_output(trained_run):
+    work, result = trained_run
+    run = work / "results" / "tiny"
+    assert (run / "samples" / "epoch_0001.png").is_file()
+    assert (run / "samples" / "epoch_0002.png").is_file()
+    assert (run / "loss_curves.png").is_file()
+    assert sorted(p.name for p in (run / "models").iterdir()) == [
+        "discriminatorA.h5", "discriminatorB.h5", "generatorAToB.h5", "generatorBToA.h5"]
+    assert "4 A and 3 B images, 4 steps per epoch, 2 epochs" in result.stdout
+    assert not list(run.rglob(".*tmp*"))  # no temporary files left
+
+
+def test_tensorboard_has_all_losses_learning_rate_samples_and_graphs(trained_run):
+    work, _ = trained_run
+    events = read_tensorboard(work / "logs" / "tiny")
+    tags = set(events.Tags()["tensors"])
+    losses = {"D_A", "D_B", "adv_A", "adv_B", "cycle_A", "cycle_B", "identity_A", "identity_B"}
+    assert losses | {"G_total", "learning_rate", "samples"} <= tags
+    assert [e.step for e in events.Tensors("D_A")] == list(range(1, 9))
+    for run in ("graph_generator_AtoB", "graph_discriminator_A"):
+        assert read_tensorboard(work / "logs" / "tiny" / run).Tags()["graph"]
+
+
+def test_translate_any_size_keeps_names(trained_run, tmp_path):
+    work, _ = trained_run
+    pixels = np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(pixels).save(tmp_path / "in" / "photo.png")
+    Image.fromarray(pixels[:37, :51]).save(tmp_path / "in" / "odd.jpg")
+    result = run_cli("translate", "--generator", work / "results/tiny/models/generatorAToB.h5",
+                     "--input", tmp_path / "in", "--output", tmp_path / "out", cwd=tmp_path)
+    assert "Translated 2 image(s)" in result.stdout
+    assert Image.open(tmp_path / "out" / "photo.png").size == (300, 200)
+    assert Image.open(tmp_path / "out" / "odd.jpg").size == (51, 37)
+
+
+def test_rerun_of_an_existing_name_refuses_without_overwrite(trained_run):
+    work, _ = trained_run
+    result = run_cli("--data", "data", "--image-size", 32, "--epochs", 1, "--name", "tiny",
+                     cwd=work, check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "--overwrite" in result.stderr
+    assert (work / "results/tiny/models/generatorAToB.h5").is_file()
+
+
+def test_summary_prints_book_sizes(tmp_path):
+    out = run_cli("summary", cwd=tmp_path).stdout
+    assert "generator_AtoB params=1971747" in out
+    assert "discriminator_B params=2766529" in out
+    assert "discriminator output=7x7x1" in out
+    assert "adversarial output cycle_A: loss=mae weight=10" in out
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--image-size", "30"], "multiple of 4"),
+    (["--batch-size", "0"], "--batch-size must be at least 1"),
+    (["--epochs", "-3"], "--epochs must be at least 0"),
+    (["--data", "no/such/folder"], "neither a folder"),
+    (["--preset", "nope"], "unknown preset"),
+    (["--norm", "nope"], "invalid choice"),
+    (["translate", "--generator", "missing.h5", "--input", ".", "--output", "o"], "not an existing"),
+])
+def test_bad_input_is_a_one_line_error(tmp_path, args, words):
+    result = run_cli(*args, cwd=tmp_path, check=False)
+    assert result.returncode == 2
+    assert words in result.stderr
+    assert result.stderr.strip().count("\n") == 0, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_translate_rejects_a_file_that_is_not_a_model(tmp_path):
+    (tmp_path / "fake.h5").write_text("not hdf5")
+    write_images(tmp_path / "in", 1)
+    result = run_cli("translate", "--generator", tmp_path / "fake.h5", "--input", tmp_path / "in",
+                     "--output", tmp_path / "out", cwd=tmp_path, check=False)
+    assert result.returncode == 2 and "not a loadable Keras model" in result.stderr
+
+
+def test_no_data_flag_means_the_demo_with_demo_defaults():
+    cfg = main.config_from_args(main.parse_args([]))
+    assert cfg.data == "demo" and cfg.name == "demo"
+    assert cfg.image_size == 32 and cfg.preset == "book"
+    cfg = main.config_from_args(main.parse_args(["--data", "monet2photo"]))
+    assert (cfg.image_size, cfg.batch_size, cfg.epochs, cfg.name) == (128, 1, 200, "monet2photo")

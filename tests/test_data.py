@@ -1,0 +1,133 @@
+import numpy as np
+import pytest
+from PIL import Image
+
+import data
+from config import make_config
+from conftest import write_images
+
+
+def test_pixels_are_scaled_to_minus_one_one(tmp_path):
+    pixels = np.zeros((40, 40, 3), np.uint8)
+    pixels[:, 20:] = 255
+    Image.fromarray(pixels).save(tmp_path / "half.png")
+    image = data.load_image(str(tmp_path / "half.png"), 40).numpy()
+    assert image.shape == (40, 40, 3)
+    assert image.min() == -1.0 and image.max() == 1.0
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "RGB"])
+def test_any_colour_mode_becomes_rgb(tmp_path, mode):
+    path = tmp_path / f"img_{mode}.png"
+    Image.new(mode, (50, 30)).save(path)
+    assert data.load_image(str(path), 32).shape == (32, 32, 3)
+
+
+def test_jpg_bmp_gif_decode(tmp_path):
+    for ext in ("jpg", "bmp", "gif"):
+        Image.new("RGB", (20, 20), (255, 0, 0)).save(tmp_path / f"x.{ext}")
+        assert data.load_image(str(tmp_path / f"x.{ext}"), 16).shape == (16, 16, 3)
+
+
+def test_domain_files_reads_the_train_split_with_a_limit(tiny_dataset):
+    files = data.domain_files(tiny_dataset, "train", "A")
+    assert len(files) == 5 and all("/trainA/" in f for f in files)
+    assert len(data.domain_files(tiny_dataset, "train", "A", limit=2)) == 2
+
+
+def test_hidden_and_non_image_files_are_ignored(tiny_dataset):
+    (tiny_dataset / "trainA" / ".hidden.png").write_bytes(b"x")
+    (tiny_dataset / "trainA" / "notes.txt").write_text("hi")
+    assert len(data.list_images(tiny_dataset / "trainA")) == 5
+
+
+def solid_domain(folder, levels):
+    for i, level in enumerate(levels):
+        Image.fromarray(np.full((8, 8, 3), level, np.uint8)).save(folder / f"{i}.png")
+
+
+def test_domains_are_shuffled_on_their_own_and_never_paired_by_index(tmp_path):
+    (tmp_path / "A").mkdir()
+    (tmp_path / "B").mkdir()
+    solid_domain(tmp_path / "A", [0, 40, 80, 120, 160, 200])
+    solid_domain(tmp_path / "B", [20, 100, 180])
+    cfg = make_config(image_size=32, batch_size=1)
+    files_a = data.list_images(tmp_path / "A")
+    files_b = data.list_images(tmp_path / "B")
+    assert data.steps_per_epoch(files_a, files_b, cfg) == 6
+    level = lambda batch: int(round((float(batch[0, 0, 0, 0]) + 1) * 127.5))
+    pairs = [(level(a), level(b)) for a, b in data.train_dataset(files_a, files_b, cfg).take(12)]
+    seen_a = [a for a, _ in pairs]
+    seen_b = [b for _, b in pairs]
+    # Every A image once per epoch; the smaller domain B reshuffled each time it runs out.
+    assert sorted(seen_a[:6]) == sorted(seen_a[6:]) == [0, 40, 80, 120, 160, 200]
+    for start in (0, 3, 6, 9):
+        assert sorted(seen_b[start:start + 3]) == [20, 100, 180]
+    assert seen_a[:6] != seen_a[6:] or seen_b[:3] != seen_b[3:6]
+
+
+def test_steps_per_epoch_follows_the_larger_domain_and_batch_size():
+    cfg = make_config(image_size=32, batch_size=2)
+    assert data.steps_per_epoch(["a"] * 5, ["b"] * 3, cfg) == 2
+    assert data.steps_per_epoch(["a"] * 5, ["b"] * 3, make_config(image_size=32, steps_per_epoch=7)) == 7
+
+
+def test_random_crop_and_flip_keep_the_crop_size():
+    image = np.random.default_rng(0).uniform(-1, 1, (36, 36, 3)).astype(np.float32)
+    out = data.augment(image, 32).numpy()
+    assert out.shape == (32, 32, 3)
+    # The crop is a window of the input (possibly mirrored): its pixels come from it.
+    assert np.isin(out[:, :, 0], image[:, :, 0]).all()
+
+
+def test_demo_dataset_is_deterministic_with_a_known_truth(tmp_path):
+    first = data.make_demo_dataset(tmp_path / "one")
+    second = data.make_demo_dataset(tmp_path / "two")
+    for sub in ("trainA", "trainB", "testA", "testB", "testA_truth"):
+        names = sorted(p.name for p in (first / sub).iterdir())
+        assert names and names == sorted(p.name for p in (second / sub).iterdir())
+        assert (first / sub / names[0]).read_bytes() == (second / sub / names[0]).read_bytes()
+    a = np.asarray(Image.open(first / "testA" / "0000.png"))
+    truth = np.asarray(Image.open(first / "testA_truth" / "0000.png"))
+    np.testing.assert_array_equal(truth, data.demo_translation(a))
+    assert not (tmp_path / "one.partial").exists()
+
+
+def test_bad_dataset_paths_are_one_line_errors(tmp_path, tiny_dataset):
+    with pytest.raises(data.DataError, match="neither a folder"):
+        data.resolve_dataset(str(tmp_path / "nope"))
+    (tiny_dataset / "trainB").rename(tiny_dataset / "elsewhere")
+    with pytest.raises(data.DataError, match="missing folder .*trainB"):
+        data.domain_files(tiny_dataset, "train", "B")
+    (tiny_dataset / "trainB").mkdir()
+    with pytest.raises(data.DataError, match="no usable images"):
+        data.domain_files(tiny_dataset, "train", "B")
+
+
+def test_unreadable_images_are_skipped_with_a_named_warning(tiny_dataset):
+    (tiny_dataset / "trainA" / "broken.jpg").write_bytes(b"")
+    (tiny_dataset / "trainA" / "text.png").write_text("not an image")
+    with pytest.warns(data.SkippedImagesWarning, match="broken.jpg, text.png"):
+        files = data.domain_files(tiny_dataset, "train", "A")
+    assert len(files) == 5
+
+
+def test_official_dataset_offline_fails_fast_with_where_to_put_it(tmp_path, monkeypatch):
+    import keras
+
+    def offline(*args, **kwargs):
+        raise OSError("Temporary failure in name resolution")
+
+    monkeypatch.setattr(keras.utils, "get_file", offline)
+    with pytest.raises(data.DataError) as error:
+        data.resolve_dataset("monet2photo", datasets_dir=str(tmp_path))
+    message = str(error.value)
+    assert "\n" not in message
+    assert "monet2photo.zip" in message and str(tmp_path / "monet2photo") in message
+
+
+def test_existing_official_dataset_folder_is_used_without_download(tmp_path, monkeypatch):
+    import keras
+    monkeypatch.setattr(keras.utils, "get_file", lambda *a, **k: pytest.fail("downloaded"))
+    write_images(tmp_path / "horse2zebra" / "trainA", 1)
+    assert data.resolve_dataset("horse2zebra", datasets_dir=str(tmp_path)) == tmp_path / "horse2zebra"

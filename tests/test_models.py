@@ -1,0 +1,140 @@
+import numpy as np
+import pytest
+
+import keras
+
+from config import make_config
+import models
+
+
+def build(preset="book", **overrides):
+    return make_config(preset, **overrides)
+
+
+@pytest.mark.parametrize("size, patch", [(128, 7), (64, 3)])
+def test_book_shapes(size, patch):
+    cfg = build(image_size=size)
+    g, d = models.build_generator(cfg), models.build_discriminator(cfg)
+    x = np.zeros((2, size, size, 3), np.float32)
+    assert g(x).shape == (2, size, size, 3)
+    assert d(x).shape == (2, patch, patch, 1)
+
+
+def test_generator_takes_any_size_divisible_by_4():
+    g = models.build_generator(build(image_size=32))
+    assert g.input.shape[1:] == (None, None, 3)
+    assert g(np.zeros((1, 200, 300, 3), np.float32)).shape == (1, 200, 300, 3)
+
+
+def test_book_parameter_counts():
+    cfg = build(image_size=128)
+    # Generator, from the chapter's tables (IN = scale + offset per channel):
+    #   7x7 conv 3->32: 7*7*3*32+32 = 4,736; IN 64
+    #   3x3 conv 32->64: 9*32*64+64 = 18,496; IN 128
+    #   3x3 conv 64->128: 9*64*128+128 = 73,856; IN 256
+    #   6 residual blocks, each 2 x (9*128*128+128) convs + 2 x 4*128 BN = 296,192 -> 1,777,152
+    #   transposed 3x3 128->64, no bias: 73,728; IN 128
+    #   transposed 3x3 64->32, no bias: 18,432; IN 64
+    #   7x7 conv 32->3: 7*7*32*3+3 = 4,707
+    #   total 1,971,747
+    assert models.build_generator(cfg).count_params() == 1_971_747
+    # Discriminator: 4x4 convs 3->64 (3,136), 64->128 (131,200) + IN 256,
+    #   128->256 (524,544) + IN 512, 256->512 (2,097,664) + IN 1,024, 512->1 (8,193)
+    #   total 2,766,529
+    assert models.build_discriminator(cfg).count_params() == 2_766_529
+
+
+def test_paper_parameter_counts_match_official_implementation():
+    cfg = build("paper", image_size=256)
+    assert cfg.n_res_blocks == 9
+    assert models.build_generator(cfg).count_params() == 11_378_179
+    d = models.build_discriminator(cfg)
+    assert d.count_params() == 2_764_737
+    assert d.output.shape[1:] == (30, 30, 1)
+    assert models.receptive_field(d) == 70
+    small = build("paper", image_size=128)
+    assert small.n_res_blocks == 6
+    assert models.build_generator(small).count_params() == 7_837_699
+
+
+def test_instance_norm_normalises_each_channel_over_height_and_width():
+    cfg = build(image_size=32)
+    layer = models.norm_layer("instance", cfg)
+    rng = np.random.default_rng(0)
+    x = rng.normal(3.0, 5.0, (2, 8, 6, 4)).astype(np.float32) * np.arange(1, 5)
+    y = np.asarray(layer(x))
+    np.testing.assert_allclose(y.mean(axis=(1, 2)), 0, atol=1e-4)
+    np.testing.assert_allclose(y.std(axis=(1, 2)), 1, atol=1e-2)
+    assert layer.epsilon == 1e-5
+
+
+def test_adversarial_model_outputs_losses_and_weights():
+    cfg = build(image_size=32)
+    gan = models.build_cyclegan(cfg)
+    adv = gan.adversarial
+    assert adv.output_names == ["adv_A", "adv_B", "cycle_A", "cycle_B", "identity_A", "identity_B"]
+    assert list(adv.loss) == ["mse", "mse", "mae", "mae", "mae", "mae"]
+    assert adv.get_compile_config()["loss_weights"] == [1, 1, 10, 10, 1, 1]
+    assert [tuple(t.shape[1:]) for t in adv.outputs] == [gan.patch_shape] * 2 + [(32, 32, 3)] * 4
+    # Each compiled model has an optimizer of its own, Adam(2e-4, beta_1=0.5).
+    optimizers = [gan.d_a.optimizer, gan.d_b.optimizer, adv.optimizer]
+    assert len({id(o) for o in optimizers}) == 3
+    for opt in optimizers:
+        assert isinstance(opt, keras.optimizers.Adam)
+        assert float(opt.learning_rate) == pytest.approx(2e-4)
+        assert opt.beta_1 == 0.5
+
+
+def weights(model):
+    return [w.copy() for w in model.get_weights()]
+
+
+def changed(before, model):
+    return any(not np.array_equal(a, b) for a, b in zip(before, model.get_weights()))
+
+
+def test_discriminators_train_only_in_their_own_step_and_generators_in_the_adversarial_step():
+    """Keras 3 reads `trainable` at each train_on_batch: the loop must toggle it."""
+    from train_utils import train_step, ImagePool
+    cfg = build(image_size=32)
+    keras.utils.set_random_seed(0)
+    gan = models.build_cyclegan(cfg)
+    rng = np.random.default_rng(0)
+    a, b = (rng.uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32) for _ in range(2))
+    ones = np.ones((1,) + gan.patch_shape, np.float32)
+
+    d_a, d_b, g_ab, g_ba = (weights(m) for m in (gan.d_a, gan.d_b, gan.g_ab, gan.g_ba))
+    gan.set_discriminators_trainable(True)
+    gan.d_a.train_on_batch(a, ones)
+    gan.d_b.train_on_batch(b, ones)
+    assert changed(d_a, gan.d_a) and changed(d_b, gan.d_b)
+    assert not changed(g_ab, gan.g_ab) and not changed(g_ba, gan.g_ba)
+
+    d_a, d_b, g_ab, g_ba = (weights(m) for m in (gan.d_a, gan.d_b, gan.g_ab, gan.g_ba))
+    gan.set_discriminators_trainable(False)
+    gan.adversarial.train_on_batch([a, b], [ones, ones, a, b, a, b])
+    assert not changed(d_a, gan.d_a) and not changed(d_b, gan.d_b)
+    assert changed(g_ab, gan.g_ab) and changed(g_ba, gan.g_ba)
+
+    # The loop's step does the toggling: D and G both change over one step,
+    # and G_total is the weighted sum of the six generator losses.
+    before = [weights(m) for m in (gan.d_a, gan.d_b, gan.g_ab, gan.g_ba)]
+    losses = train_step(gan, a, b, (ImagePool(0), ImagePool(0)), cfg)
+    assert all(changed(w, m) for w, m in zip(before, (gan.d_a, gan.d_b, gan.g_ab, gan.g_ba)))
+    assert set(losses) == {"D_A", "D_B", "adv_A", "adv_B", "cycle_A", "cycle_B",
+                           "identity_A", "identity_B", "G_total"}
+    assert all(np.isfinite(v) for v in losses.values())
+    weighted = sum(w * losses[n] for w, n in zip(cfg.loss_weights, models.OUTPUT_NAMES))
+    assert losses["G_total"] == pytest.approx(weighted, rel=1e-4)
+
+
+def test_keras3_trap_a_discriminator_frozen_at_its_first_update_never_learns():
+    """Why the loop toggles: Keras 3 fixes what train_on_batch trains at its first call."""
+    cfg = build(image_size=32)
+    d = models.build_discriminator(cfg)
+    d.compile(optimizer=models.make_optimizer(cfg), loss="mse")
+    d.trainable = False
+    x = np.ones((1, 32, 32, 3), np.float32)
+    before = weights(d)
+    d.train_on_batch(x, np.ones((1,) + tuple(d.output.shape[1:]), np.float32))
+    assert not changed(before, d)
