@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 class UserError(Exception):
     """A mistake the user must fix (a flag, a file, a folder); one-line message."""
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class Config:
     sample_every: int = 10           # epochs
     save_every: int = 10             # epochs
     log_every: int = 1               # steps between TensorBoard scalars
+    checkpoint_every: int = 0        # steps between checkpoints, 0 = each epoch
 
     @property
     def total_epochs(self):
@@ -107,6 +109,10 @@ PRESETS = {"book": BOOK, "paper": PAPER}
 # images and few epochs, so a whole run takes minutes on a laptop CPU.
 DEMO_DEFAULTS = dict(image_size=32, epochs=4, sample_every=1, save_every=2)
 
+# Settings that shape the networks or the data they see: a resumed run must keep them.
+ARCHITECTURE_FIELDS = ("image_size", "filters", "res_blocks", "norm", "res_norm", "norm_affine",
+                       "padding", "upsample", "disc", "disc_activation", "pool_size", "batch_size")
+
 CHOICES = {
     "norm": ("instance", "batch"),
     "res_norm": ("batch", "instance"),
@@ -147,7 +153,8 @@ def validate(cfg):
         raise UserError(f"--load-size ({cfg.load_size}) must be at least --image-size ({cfg.image_size})")
     for field, low in (("batch_size", 1), ("filters", 1), ("epochs", 0), ("decay_epochs", 0),
                        ("steps_per_epoch", 0), ("pool_size", 0), ("limit", 0), ("res_blocks", 0),
-                       ("sample_every", 1), ("save_every", 1), ("log_every", 1)):
+                       ("sample_every", 1), ("save_every", 1), ("log_every", 1),
+                       ("checkpoint_every", 0)):
         value = getattr(cfg, field)
         if value < low:
             raise UserError(f"--{field.replace('_', '-')} must be at least {low}, got {value}")

@@ -110,10 +110,15 @@ def load_image(path, size):
     return image / 127.5 - 1.0
 
 
-def augment(image, crop_size, seed=None):
-    """Random crop to crop_size (a no-op when already that size), random flip."""
-    image = tf.image.random_crop(image, (crop_size, crop_size, 3), seed=seed)
-    return tf.image.random_flip_left_right(image, seed=seed)
+def augment(image, crop_size, seed):
+    """Random crop to crop_size (a no-op when already that size), random flip.
+
+    Stateless ops with a per-image seed: a checkpoint can then save the
+    input pipeline's position, which stateful random ops forbid.
+    """
+    crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    image = tf.image.stateless_random_crop(image, (crop_size, crop_size, 3), seed=crop_seed)
+    return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
 
 
 def domain_dataset(files, cfg, seed):
@@ -125,7 +130,8 @@ def domain_dataset(files, cfg, seed):
     load_px = cfg.load_px
     ds = tf.data.Dataset.from_tensor_slices(files)
     ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True).repeat()
-    ds = ds.map(lambda p: augment(load_image(p, load_px), cfg.image_size),
+    ds = tf.data.Dataset.zip(ds, tf.data.Dataset.random(seed=seed).batch(2))
+    ds = ds.map(lambda p, s: augment(load_image(p, load_px), cfg.image_size, s),
                 num_parallel_calls=tf.data.AUTOTUNE)
     return ds.batch(cfg.batch_size, drop_remainder=True)
 

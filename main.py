@@ -41,6 +41,8 @@ def add_config_flags(parser):
                                 choices=config.CHOICES.get(field.name))
     parser.add_argument("--overwrite", action="store_true",
                         help="start the run NAME again, replacing its results")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run NAME from its latest checkpoint")
 
 
 def build_parser():
@@ -85,15 +87,33 @@ def parse_args(argv):
 
 
 def config_from_args(args):
-    """The Config for a train command: preset, then demo defaults, then flags."""
+    """The Config for a train command: preset, then demo defaults, then flags.
+
+    With --resume, the run's saved config replaces preset and defaults;
+    flags may change only what does not shape the networks.
+    """
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config.Config)}
     given = {k: v for k, v in given.items() if v is not None}
+    data = given.get("data", "demo")
+    given.setdefault("name", Path(data).name or "run")
+    if args.resume:
+        return resumed_config(given)
     preset = given.pop("preset", "book")
-    data = given.setdefault("data", "demo")
     if data == "demo":
         given = {**config.DEMO_DEFAULTS, **given}
-    given.setdefault("name", Path(data).name or "run")
     return config.make_config(preset, **given)
+
+
+def resumed_config(given):
+    path = Path(given.get("results_dir", config.Config.results_dir)) / given["name"] / "config.json"
+    if not path.is_file():
+        raise CliError(f"--resume: no run {given['name']!r} in {path.parent.parent}")
+    saved = json.loads(path.read_text())
+    for field in config.ARCHITECTURE_FIELDS + ("preset", "data"):
+        if field in given and given[field] != saved[field]:
+            raise CliError(f"--resume: run {given['name']!r} was trained with "
+                           f"--{field.replace('_', '-')} {saved[field]}, not {given[field]}")
+    return config.make_config(saved.pop("preset"), **{**saved, **given})
 
 
 # --- train -----------------------------------------------------------------
@@ -101,20 +121,23 @@ def config_from_args(args):
 def run_paths(cfg):
     root = Path(cfg.results_dir) / cfg.name
     return {"root": root, "samples": root / "samples", "models": root / "models",
-            "history": root / "losses.csv", "curves": root / "loss_curves.png",
-            "config": root / "config.json"}
+            "checkpoints": root / "checkpoints", "history": root / "losses.csv",
+            "curves": root / "loss_curves.png", "config": root / "config.json"}
 
 
-def prepare_run_folder(cfg, paths, overwrite):
-    if paths["root"].exists() and any(paths["root"].iterdir()):
+def prepare_run_folder(cfg, paths, resume, overwrite):
+    """Refuse to clobber an earlier run by accident; record this run's settings."""
+    if not resume and paths["root"].exists() and any(paths["root"].iterdir()):
         if not overwrite:
-            raise CliError(f"{paths['root']} already holds a run; pass --overwrite to replace it "
-                           "or --name to start another")
+            raise CliError(f"{paths['root']} already holds a run; pass --resume to continue it, "
+                           "--overwrite to replace it or --name to start another")
         import shutil
         shutil.rmtree(paths["root"])
         shutil.rmtree(Path(cfg.log_dir) / cfg.name, ignore_errors=True)
     paths["samples"].mkdir(parents=True, exist_ok=True)
-    paths["config"].write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    tmp = paths["root"] / ".config.tmp.json"
+    tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    os.replace(tmp, paths["config"])
 
 
 def sample_files(root, domain, cfg):
@@ -126,7 +149,7 @@ def sample_files(root, domain, cfg):
         return data.domain_files(root, "train", domain, cfg.limit)[:SAMPLE_COUNT]
 
 
-def train(cfg, overwrite=False):
+def train(cfg, resume=False, overwrite=False):
     import keras
     import data
     import models
@@ -138,47 +161,65 @@ def train(cfg, overwrite=False):
     files_a = data.domain_files(root, "train", "A", cfg.limit)
     files_b = data.domain_files(root, "train", "B", cfg.limit)
     paths = run_paths(cfg)
-    prepare_run_folder(cfg, paths, overwrite)
+    prepare_run_folder(cfg, paths, resume, overwrite)
     show_a = data.load_batch(sample_files(root, "A", cfg), cfg.image_size)
     show_b = data.load_batch(sample_files(root, "B", cfg), cfg.image_size)
 
     keras.utils.set_random_seed(cfg.seed)
     gan = models.build_cyclegan(cfg)
+    pools = (tu.ImagePool(cfg.pool_size, cfg.seed), tu.ImagePool(cfg.pool_size, cfg.seed + 1))
+    batches = iter(data.train_dataset(files_a, files_b, cfg))
+    checkpoint = tu.RunCheckpoint(gan, pools, batches, paths["checkpoints"], cfg.image_size)
+    steps = data.steps_per_epoch(files_a, files_b, cfg)
+    total_steps = steps * cfg.total_epochs
+    step = checkpoint.restore() if resume else 0
+    if resume and step >= total_steps:
+        print(f"Run {cfg.name} already finished ({step} steps); nothing to do.")
+        return
+    if resume:
+        print(f"Resuming run {cfg.name} at step {step}.")
     logger = tu.TensorBoardLogger(cfg.log_dir, cfg.name)
     logger.graph(gan.g_ab)
     logger.graph(gan.d_a)
-    pools = (tu.ImagePool(cfg.pool_size, cfg.seed), tu.ImagePool(cfg.pool_size, cfg.seed + 1))
     history = tu.LossHistory(paths["history"])
-    batches = iter(data.train_dataset(files_a, files_b, cfg))
-    steps = data.steps_per_epoch(files_a, files_b, cfg)
+    checkpoint_every = cfg.checkpoint_every or steps
     print(f"{len(files_a)} A and {len(files_b)} B images, {steps} steps per epoch, "
           f"{cfg.total_epochs} epochs; TensorBoard: tensorboard --logdir {cfg.log_dir}")
 
-    step = 0
-    for epoch in range(1, cfg.total_epochs + 1):
-        lr = tu.learning_rate(epoch - 1, cfg)
-        tu.set_learning_rate(gan, lr)
-        print(f"Epoch {epoch}/{cfg.total_epochs} (learning rate {lr:.3g})")
-        bar = keras.utils.Progbar(steps, stateful_metrics=tu.LOSS_NAMES)
-        sums = defaultdict(float)
-        for i in range(steps):
-            real_a, real_b = next(batches)
-            losses = tu.train_step(gan, real_a, real_b, pools, cfg)
-            step += 1
-            for key, value in losses.items():
-                sums[key] += value
-            if step % cfg.log_every == 0:
-                logger.scalars({**losses, "learning_rate": lr}, step)
-            bar.update(i + 1, [(k, losses[k]) for k in ("D_A", "D_B", "G_total")])
-        history.append(epoch, {k: v / steps for k, v in sums.items()})
-        last = epoch == cfg.total_epochs
-        if epoch % cfg.sample_every == 0 or last:
-            grid = paths["samples"] / f"epoch_{epoch:04d}.png"
-            tu.save_sample_grid(gan, show_a, show_b, grid, f"{cfg.name}, epoch {epoch}")
-            logger.image_file("samples", grid, step)
-        if epoch % cfg.save_every == 0 or last:
-            tu.save_models(gan, paths["models"])
-        logger.flush()
+    with tu.StopOnSignal() as stop:
+        for epoch in range(step // steps + 1, cfg.total_epochs + 1):
+            lr = tu.learning_rate(epoch - 1, cfg)
+            tu.set_learning_rate(gan, lr)
+            print(f"Epoch {epoch}/{cfg.total_epochs} (learning rate {lr:.3g})")
+            bar = keras.utils.Progbar(steps, stateful_metrics=tu.LOSS_NAMES)
+            sums = defaultdict(float)
+            first = step % steps
+            for i in range(first, steps):
+                real_a, real_b = next(batches)
+                losses = tu.train_step(gan, real_a, real_b, pools, cfg)
+                tu.check_finite(losses, step + 1)
+                step += 1
+                for key, value in losses.items():
+                    sums[key] += value
+                if step % cfg.log_every == 0:
+                    logger.scalars({**losses, "learning_rate": lr}, step)
+                bar.update(i + 1, [(k, losses[k]) for k in ("D_A", "D_B", "G_total")])
+                if step % checkpoint_every == 0 or stop.requested:
+                    checkpoint.save(step)
+                if stop.requested:
+                    logger.flush()
+                    print(f"\n{stop.requested}: checkpoint saved at step {step}; "
+                          f"continue with: python main.py --name {cfg.name} --resume")
+                    return
+            history.append(epoch, {k: v / (steps - first) for k, v in sums.items()})
+            last = epoch == cfg.total_epochs
+            if epoch % cfg.sample_every == 0 or last:
+                grid = paths["samples"] / f"epoch_{epoch:04d}.png"
+                tu.save_sample_grid(gan, show_a, show_b, grid, f"{cfg.name}, epoch {epoch}")
+                logger.image_file("samples", grid, step)
+            if epoch % cfg.save_every == 0 or last:
+                tu.save_models(gan, paths["models"])
+            logger.flush()
     tu.save_loss_curves(history, paths["curves"])
     print(f"Done: samples, loss curves and models in {paths['root']}")
 
@@ -223,13 +264,15 @@ def main(argv=None):
         elif args.command == "summary":
             summary(args.preset, args.image_size)
         else:
-            train(config_from_args(args), overwrite=args.overwrite)
+            train(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
     except config.UserError as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2
+        return error.exit_code
     return 0
 
 
 if __name__ == "__main__":
     warnings.simplefilter("default")
+    # Raised inside Keras itself under NumPy 2, once per weight: noise for users.
+    warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
     sys.exit(main())

@@ -3,6 +3,7 @@ import contextlib
 import csv
 import logging
 import os
+import signal
 from pathlib import Path
 
 import matplotlib
@@ -12,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from config import UserError  # noqa: E402
 from models import OUTPUT_NAMES  # noqa: E402
 
 D_LOSS_NAMES = ("D_A", "D_B")
@@ -62,6 +64,15 @@ def set_learning_rate(gan, value):
         model.optimizer.learning_rate.assign(value)
 
 
+def build_optimizers(gan):
+    """Create every optimizer slot now, so a checkpoint restores into them at once."""
+    gan.set_discriminators_trainable(True)
+    for d in (gan.d_a, gan.d_b):
+        d.optimizer.build(d.trainable_variables)
+    gan.set_discriminators_trainable(False)
+    gan.adversarial.optimizer.build(gan.adversarial.trainable_variables)
+
+
 def update_discriminator(d, real, fake, cfg):
     """One D update (joint) or two (split, the chapter's); returns the D loss."""
     ones = tf.ones((real.shape[0],) + tuple(d.output.shape[1:]))
@@ -86,6 +97,72 @@ def train_step(gan, real_a, real_b, pools, cfg):
     losses.update({name: float(g[f"{name}_loss"]) for name in OUTPUT_NAMES})
     losses["G_total"] = float(g["loss"])
     return losses
+
+
+class TrainingDiverged(UserError):
+    """A loss became NaN or infinite: stop before anything is saved."""
+    exit_code = 3
+
+
+def check_finite(losses, step):
+    for name, value in losses.items():
+        if not np.isfinite(value):
+            raise TrainingDiverged(f"loss {name} became {value} at step {step}; training stopped, "
+                                   "the last checkpoint and saved models are kept (try a lower --lr)")
+
+
+class RunCheckpoint:
+    """Everything a resume needs: networks, optimizer states, step, image pools, data position.
+
+    Pools live in NumPy while training and are copied into variables only
+    when a checkpoint is written or read.
+    """
+
+    def __init__(self, gan, pools, data_iterator, folder, image_size, keep=3):
+        build_optimizers(gan)
+        self.pools = pools
+        self.step = tf.Variable(0, dtype=tf.int64)
+        self.pool_images = [tf.Variable(tf.zeros((p.size, image_size, image_size, 3))) for p in pools]
+        self.pool_counts = [tf.Variable(0, dtype=tf.int64) for _ in pools]
+        checkpoint = tf.train.Checkpoint(
+            g_ab=gan.g_ab, g_ba=gan.g_ba, d_a=gan.d_a, d_b=gan.d_b,
+            d_a_optimizer=gan.d_a.optimizer, d_b_optimizer=gan.d_b.optimizer,
+            adversarial_optimizer=gan.adversarial.optimizer, step=self.step,
+            pool_images=self.pool_images, pool_counts=self.pool_counts, data=data_iterator)
+        self.manager = tf.train.CheckpointManager(checkpoint, str(folder), max_to_keep=keep)
+
+    def save(self, step):
+        self.step.assign(step)
+        for pool, images, count in zip(self.pools, self.pool_images, self.pool_counts):
+            if pool.images:
+                images[:len(pool.images)].assign(np.stack(pool.images))
+            count.assign(len(pool.images))
+        self.manager.save(checkpoint_number=step)
+
+    def restore(self):
+        """Load the latest checkpoint; returns its step (0 if there is none)."""
+        if not self.manager.latest_checkpoint:
+            return 0
+        self.manager.checkpoint.restore(self.manager.latest_checkpoint).assert_existing_objects_matched()
+        for pool, images, count in zip(self.pools, self.pool_images, self.pool_counts):
+            pool.images = list(images.numpy()[:int(count)])
+        return int(self.step)
+
+
+class StopOnSignal:
+    """Turns SIGINT/SIGTERM into a request the loop honours after its current step."""
+
+    def __enter__(self):
+        self.requested = None
+        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def request(self, signum, frame):
+        self.requested = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 # --- Logging -------------------------------------------------------------
@@ -121,23 +198,35 @@ class TensorBoardLogger:
 
 
 class LossHistory:
-    """Per-epoch mean losses in a CSV, so curves survive restarts."""
+    """Per-epoch mean losses in a CSV, so curves survive restarts.
+
+    Rewritten whole at each epoch (atomically); an epoch replayed after a
+    resume replaces its earlier row.
+    """
 
     def __init__(self, path):
         self.path = Path(path)
 
     def append(self, epoch, means):
-        new = not self.path.exists()
-        with open(self.path, "a", newline="") as f:
+        rows = self.read_rows() if self.path.exists() else {}
+        rows[epoch] = [f"{means[k]:.6g}" for k in LOSS_NAMES]
+        tmp = atomic_path(self.path)
+        with open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
-            if new:
-                writer.writerow(("epoch",) + LOSS_NAMES)
-            writer.writerow([epoch] + [f"{means[k]:.6g}" for k in LOSS_NAMES])
+            writer.writerow(("epoch",) + LOSS_NAMES)
+            writer.writerows([e] + values for e, values in sorted(rows.items()))
+        os.replace(tmp, self.path)
+
+    def read_rows(self):
+        with open(self.path, newline="") as f:
+            return {int(r["epoch"]): [r[k] for k in LOSS_NAMES] for r in csv.DictReader(f)}
 
     def read(self):
-        with open(self.path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        return {k: np.array([float(r[k]) for r in rows]) for k in ("epoch",) + LOSS_NAMES}
+        rows = sorted(self.read_rows().items())
+        data = {"epoch": np.array([e for e, _ in rows], float)}
+        for i, name in enumerate(LOSS_NAMES):
+            data[name] = np.array([float(values[i]) for _, values in rows])
+        return data
 
 
 def atomic_path(path):

@@ -2,6 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import tensorflow as tf
+
 import data
 from config import make_config
 from conftest import write_images
@@ -74,7 +76,7 @@ def test_steps_per_epoch_follows_the_larger_domain_and_batch_size():
 
 def test_random_crop_and_flip_keep_the_crop_size():
     image = np.random.default_rng(0).uniform(-1, 1, (36, 36, 3)).astype(np.float32)
-    out = data.augment(image, 32).numpy()
+    out = data.augment(image, 32, tf.constant([1, 2], tf.int64)).numpy()
     assert out.shape == (32, 32, 3)
     # The crop is a window of the input (possibly mirrored): its pixels come from it.
     assert np.isin(out[:, :, 0], image[:, :, 0]).all()
