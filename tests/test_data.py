@@ -133,3 +133,40 @@ def test_existing_official_dataset_folder_is_used_without_download(tmp_path, mon
     monkeypatch.setattr(keras.utils, "get_file", lambda *a, **k: pytest.fail("downloaded"))
     write_images(tmp_path / "horse2zebra" / "trainA", 1)
     assert data.resolve_dataset("horse2zebra", datasets_dir=str(tmp_path)) == tmp_path / "horse2zebra"
+
+
+def test_bad_input_corpus_loads_what_can_be_read_and_names_what_cannot(tmp_path):
+    """Every odd file a real folder holds: usable ones load as RGB, the rest are skipped by name."""
+    import io
+    rng = np.random.default_rng(0)
+    rgb = rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)
+    folder = tmp_path / "trainA"
+    folder.mkdir()
+    Image.fromarray(rgb).convert("L").save(folder / "gray.png")
+    Image.fromarray(rgb).convert("RGBA").save(folder / "rgba.png")
+    Image.fromarray(rgb).convert("P").save(folder / "palette.png")
+    Image.fromarray(rgb).convert("CMYK").save(folder / "cmyk.jpg")
+    Image.fromarray(np.full((40, 40), 65535, np.uint16)).save(folder / "white16.png")
+    Image.fromarray(rgb[:1, :1]).save(folder / "one_pixel.png")
+    Image.fromarray(rng.integers(0, 256, (50, 4000, 3), dtype=np.uint8)).save(folder / "wide.jpg")
+    Image.fromarray(rgb).save(folder / "ñandú_写真.png")
+    buffer = io.BytesIO()
+    Image.fromarray(rgb).save(buffer, "JPEG")
+    (folder / "truncated.jpg").write_bytes(buffer.getvalue()[:300])
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.png").write_text("not an image")
+    (folder / ".hidden.jpg").write_bytes(b"")
+    (folder / "readme.txt").write_text("ignored")
+
+    with pytest.warns(data.SkippedImagesWarning) as caught:
+        files = data.domain_files(tmp_path, "train", "A")
+    message = str(caught[0].message)
+    assert "3 unreadable" in message
+    for name in ("empty.jpg", "text.png", "truncated.jpg"):
+        assert name in message
+    assert len(files) == 8
+    for path in files:
+        image = data.load_image(path, 32).numpy()
+        assert image.shape == (32, 32, 3) and -1 <= image.min() and image.max() <= 1
+    white16 = data.load_image(str(folder / "white16.png"), 32).numpy()
+    assert white16.min() == pytest.approx(1.0)  # 16-bit white stays white, not clipped noise

@@ -115,3 +115,47 @@ def test_tensorboard_scalars_images_and_graphs(small_gan, tmp_path):
     assert "samples" in events.Tags()["tensors"]
     for run in ("graph_generator_AtoB", "graph_discriminator_A"):
         assert read_tensorboard(tmp_path / "run" / run).Tags()["graph"]
+
+
+def test_non_finite_loss_stops_training_with_its_name_and_step():
+    tu.check_finite({"D_A": 0.5, "G_total": 3.0}, step=7)
+    with pytest.raises(tu.TrainingDiverged, match="loss adv_B became nan at step 7"):
+        tu.check_finite({"D_A": 0.5, "adv_B": float("nan")}, step=7)
+    with pytest.raises(tu.TrainingDiverged, match="inf"):
+        tu.check_finite({"G_total": float("inf")}, step=1)
+
+
+def test_checkpoint_restores_weights_optimizer_moments_step_pools_and_data_position(tmp_path):
+    import data
+    from conftest import write_images
+    cfg = make_config(image_size=32, pool_size=4)
+    files_a = [str(p) for p in write_images(tmp_path / "A", 5, seed=1)]
+    files_b = [str(p) for p in write_images(tmp_path / "B", 3, seed=2)]
+
+    def fresh(seed):
+        keras.utils.set_random_seed(seed)
+        gan = models.build_cyclegan(cfg)
+        pools = (tu.ImagePool(4, 0), tu.ImagePool(4, 1))
+        batches = iter(data.train_dataset(files_a, files_b, cfg))
+        return gan, pools, batches, tu.RunCheckpoint(gan, pools, batches, tmp_path / "ckpt", 32)
+
+    gan, pools, batches, checkpoint = fresh(0)
+    for _ in range(3):
+        tu.train_step(gan, *next(batches), pools, cfg)
+    checkpoint.save(3)
+    expected_next = [b.numpy() for b in next(batches)]
+
+    gan2, pools2, batches2, checkpoint2 = fresh(1)
+    assert checkpoint2.restore() == 3
+    for a, b in ((gan.g_ab, gan2.g_ab), (gan.d_b, gan2.d_b)):
+        for x, y in zip(a.get_weights(), b.get_weights()):
+            np.testing.assert_array_equal(x, y)
+    for model, model2 in ((gan.adversarial, gan2.adversarial), (gan.d_a, gan2.d_a)):
+        assert len(model.optimizer.variables) == len(model2.optimizer.variables) > 2
+        for x, y in zip(model.optimizer.variables, model2.optimizer.variables):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    for pool, pool2 in zip(pools, pools2):
+        assert len(pool2.images) == len(pool.images) == 3
+        np.testing.assert_array_equal(np.stack(pool.images), np.stack(pool2.images))
+    for x, y in zip(expected_next, next(batches2)):
+        np.testing.assert_array_equal(x, y.numpy())
