@@ -170,3 +170,12 @@ def test_bad_input_corpus_loads_what_can_be_read_and_names_what_cannot(tmp_path)
         assert image.shape == (32, 32, 3) and -1 <= image.min() and image.max() <= 1
     white16 = data.load_image(str(folder / "white16.png"), 32).numpy()
     assert white16.min() == pytest.approx(1.0)  # 16-bit white stays white, not clipped noise
+
+
+def test_paper_preset_pipeline_resizes_to_load_size_then_crops(tiny_dataset):
+    cfg = make_config("paper", image_size=32)
+    assert cfg.load_px == 36  # the paper's 286/256 ratio
+    files_a = data.domain_files(tiny_dataset, "train", "A")
+    files_b = data.domain_files(tiny_dataset, "train", "B")
+    batch_a, batch_b = next(iter(data.train_dataset(files_a, files_b, cfg)))
+    assert batch_a.shape == batch_b.shape == (1, 32, 32, 3)

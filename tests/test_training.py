@@ -159,3 +159,19 @@ def test_checkpoint_restores_weights_optimizer_moments_step_pools_and_data_posit
         np.testing.assert_array_equal(np.stack(pool.images), np.stack(pool2.images))
     for x, y in zip(expected_next, next(batches2)):
         np.testing.assert_array_equal(x, y.numpy())
+
+
+@pytest.mark.parametrize("mode", ["joint", "split"])
+def test_discriminator_loss_is_the_mean_of_real_and_fake(mode):
+    cfg = make_config(image_size=32, d_update=mode)
+    keras.utils.set_random_seed(0)
+    d = models.build_discriminator(cfg)
+    d.compile(optimizer=models.make_optimizer(cfg), loss="mse")
+    rng = np.random.default_rng(0)
+    real, fake = (rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32) for _ in range(2))
+    expected = 0.5 * (np.mean((np.asarray(d(real)) - 1) ** 2) + np.mean(np.asarray(d(fake)) ** 2))
+    loss = tu.update_discriminator(d, real, fake, cfg)
+    if mode == "joint":  # one update, both halves judged by the same weights
+        assert loss == pytest.approx(expected, rel=1e-4)
+    else:  # the fake half is judged after the real update
+        assert loss != pytest.approx(expected, rel=1e-6)
