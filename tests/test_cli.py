@@ -106,6 +106,15 @@ def test_bad_input_is_a_one_line_error(tmp_path, args, words):
     assert "Traceback" not in result.stderr
 
 
+def test_translate_with_a_missing_input_is_a_one_line_error(trained_run, tmp_path):
+    work, _ = trained_run
+    result = run_cli("translate", "--generator", work / "results/tiny/models/generatorAToB.h5",
+                     "--input", tmp_path / "nowhere", "--output", tmp_path / "out", cwd=tmp_path,
+                     check=False)
+    assert result.returncode == 2 and "missing folder" in result.stderr
+    assert result.stderr.strip().count("\n") == 0
+
+
 def test_translate_rejects_a_file_that_is_not_a_model(tmp_path):
     (tmp_path / "fake.h5").write_text("not hdf5")
     write_images(tmp_path / "in", 1)
