@@ -273,6 +273,7 @@ def main(argv=None):
 
 if __name__ == "__main__":
     warnings.simplefilter("default")
+    warnings.formatwarning = lambda message, category, *_, **__: f"warning: {category.__name__}: {message}\n"
     # Raised inside Keras itself under NumPy 2, once per weight: noise for users.
     warnings.filterwarnings("ignore", "__array__ implementation", DeprecationWarning)
     sys.exit(main())

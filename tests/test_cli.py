@@ -106,6 +106,28 @@ def test_bad_input_is_a_one_line_error(tmp_path, args, words):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("damage, words", [
+    (lambda root: __import__("shutil").rmtree(root / "trainB"), "missing folder"),
+    (lambda root: [p.unlink() for p in (root / "trainA").iterdir()], "no usable images"),
+])
+def test_broken_dataset_folders_are_one_line_errors(tmp_path, damage, words):
+    tiny_data(tmp_path / "data")
+    damage(tmp_path / "data")
+    result = run_cli("--data", "data", "--image-size", 32, cwd=tmp_path, check=False)
+    assert result.returncode == 2 and words in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+
+
+def test_unreadable_files_are_named_in_one_warning_line_and_training_goes_on(tmp_path):
+    tiny_data(tmp_path / "data")
+    (tmp_path / "data" / "trainA" / "broken.jpg").write_bytes(b"")
+    result = run_cli("--data", "data", "--image-size", 32, "--epochs", 1, "--steps-per-epoch", 1,
+                     cwd=tmp_path)
+    lines = [l for l in result.stderr.splitlines() if "SkippedImagesWarning" in l]
+    assert len(lines) == 1 and lines[0].startswith("warning:") and "broken.jpg" in lines[0]
+    assert (tmp_path / "results/data/models/generatorAToB.h5").is_file()
+
+
 def test_translate_with_a_missing_input_is_a_one_line_error(trained_run, tmp_path):
     work, _ = trained_run
     result = run_cli("translate", "--generator", work / "results/tiny/models/generatorAToB.h5",
