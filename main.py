@@ -240,16 +240,17 @@ def evaluation_target(args):
             args.data or saved["data"], args.image_size or saved["image_size"], run)
 
 
-def inception_or_none(args):
-    """The FID/KID feature network, or None after one line saying why not."""
+def fid_kid_scores(args, g_ab, g_ba, files_a, files_b, size):
+    """FID and KID, or none after one line saying why they are skipped."""
     import metrics
     try:
         if args.no_fid:
             raise metrics.FeaturesUnavailable("--no-fid given")
-        return metrics.load_inception(args.inception_weights)
+        inception = metrics.load_inception(args.inception_weights)
+        return metrics.distribution_scores(inception, g_ab, g_ba, files_a, files_b, size)
     except metrics.FeaturesUnavailable as why:
         print(f"FID/KID skipped: {why}")
-        return None
+        return {}
 
 
 def evaluate(args):
@@ -257,20 +258,16 @@ def evaluate(args):
     import metrics
     import models
     run, generators, dataset, size, out = evaluation_target(args)
+    config.make_config(image_size=size)  # the same size checks as training
     g_ab, g_ba = (models.load_generator(path) for path in generators)
     root = data.resolve_dataset(dataset)
     files_a, files_b = (data.domain_files(root, "test", d) for d in "AB")
     truth = metrics.truth_files(files_a)
     source = f"{len(files_a)} A and {len(files_b)} B test images of {root} at {size} px"
     print(f"Evaluating on {source}" + (", with paired truth" if truth else ""))
-    inception = inception_or_none(args)
     scores = metrics.image_scores(g_ab, g_ba, metrics.file_batches(files_a, size, truth),
                                   metrics.file_batches(files_b, size))
-    if inception is not None:
-        try:
-            scores.update(metrics.distribution_scores(inception, g_ab, g_ba, files_a, files_b, size))
-        except metrics.FeaturesUnavailable as why:
-            print(f"FID/KID skipped: {why}")
+    scores.update(fid_kid_scores(args, g_ab, g_ba, files_a, files_b, size))
     print(metrics.format_table(scores))
     if truth:
         print(metrics.truth_verdict(scores))

@@ -148,6 +148,7 @@ def test_summary_prints_book_sizes(tmp_path):
     (["evaluate"], "evaluate needs --name"),
     (["evaluate", "--name", "nothing"], "no run 'nothing'"),
     (["evaluate", "--generators", "a.h5", "b.h5"], "--generators needs --data"),
+    (["evaluate", "--generators", "a.h5", "b.h5", "--data", ".", "--image-size", "30"], "multiple of 4"),
 ])
 def test_bad_input_is_a_one_line_error(tmp_path, args, words):
     result = run_cli(*args, cwd=tmp_path, check=False)
