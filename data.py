@@ -4,6 +4,7 @@ A dataset is a folder in the layout of the official CycleGAN zips:
 trainA/, trainB/, testA/, testB/ (and, where the truth is known,
 testA_truth/ with G_AB's ideal output under the same file names).
 """
+import contextlib
 import os
 import shutil
 import socket
@@ -52,20 +53,32 @@ def download_official(name, datasets_dir):
     url = OFFICIAL_URL.format(name)
     root = Path(datasets_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)  # get_file itself never times out
     try:
         import keras
-        archive = keras.utils.get_file(f"{name}.zip", url, cache_dir=str(root), cache_subdir=".")
+        with download_timeout():
+            archive = keras.utils.get_file(f"{name}.zip", url, cache_dir=str(root), cache_subdir=".")
     except Exception as error:
-        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-        raise DataError(f"could not download {name} ({reason}); fetch {url} by hand and unzip it "
-                        f"so that {root / name}/trainA and trainB exist") from None
-    finally:
-        socket.setdefaulttimeout(previous)
+        raise DataError(f"could not download {name} ({one_line(error)}); fetch {url} by hand and "
+                        f"unzip it so that {root / name}/trainA and trainB exist") from None
     shutil.unpack_archive(archive, root)
     os.remove(archive)
     return root / name
+
+
+@contextlib.contextmanager
+def download_timeout():
+    """Bound every socket operation: keras.utils.get_file itself never times out."""
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def one_line(error):
+    """The first line of an exception's message, or its type when it has none."""
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def list_images(folder):

@@ -2,6 +2,7 @@
 
     python main.py --data monet2photo          # train (the default command)
     python main.py translate --generator G.h5 --input DIR --output DIR
+    python main.py evaluate --name monet2photo  # quality numbers on the test split
     python main.py summary --preset paper --image-size 256
 """
 import argparse
@@ -17,7 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import config  # noqa: E402
 
-COMMANDS = ("train", "translate", "summary")
+COMMANDS = ("train", "translate", "evaluate", "summary")
 SAMPLE_COUNT = 3
 
 
@@ -45,6 +46,17 @@ def add_config_flags(parser):
                         help="continue the run NAME from its latest checkpoint")
 
 
+def add_evaluate_flags(parser):
+    parser.add_argument("--name", help="the run in RESULTS_DIR/NAME to score")
+    parser.add_argument("--generators", nargs=2, metavar=("A2B", "B2A"),
+                        help="score these saved generators instead of a run's")
+    parser.add_argument("--data", help="dataset (default: the run's)")
+    parser.add_argument("--image-size", type=int, help="pixels (default: the run's)")
+    parser.add_argument("--results-dir", default="results")
+    parser.add_argument("--no-fid", action="store_true", help="skip FID and KID")
+    parser.add_argument("--inception-weights", help="a local InceptionV3 (no top) weights file")
+
+
 def build_parser():
     parser = Parser(prog="main.py", description=__doc__,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,6 +66,7 @@ def build_parser():
     translate.add_argument("--generator", required=True, help="a saved generator .h5")
     translate.add_argument("--input", required=True, help="an image file or a folder of images")
     translate.add_argument("--output", required=True, help="folder for the translated images")
+    add_evaluate_flags(commands.add_parser("evaluate", help="score a trained run on the test split"))
     summary = commands.add_parser("summary", help="print the models' sizes and outputs")
     summary.add_argument("--preset", default="book", choices=tuple(config.PRESETS))
     summary.add_argument("--image-size", type=int, default=None)
@@ -140,18 +153,19 @@ def prepare_run_folder(cfg, paths, resume, overwrite):
     os.replace(tmp, paths["config"])
 
 
-def sample_files(root, domain, cfg):
+def sample_files(root, domain, cfg, count=SAMPLE_COUNT):
     """A few fixed test images (train images when there is no test split)."""
     import data
     try:
-        return data.domain_files(root, "test", domain)[:SAMPLE_COUNT]
+        return data.domain_files(root, "test", domain)[:count]
     except data.DataError:
-        return data.domain_files(root, "train", domain, cfg.limit)[:SAMPLE_COUNT]
+        return data.domain_files(root, "train", domain, cfg.limit)[:count]
 
 
 def train(cfg, resume=False, overwrite=False):
     import keras
     import data
+    import metrics
     import models
     import train_utils as tu
 
@@ -164,6 +178,8 @@ def train(cfg, resume=False, overwrite=False):
     prepare_run_folder(cfg, paths, resume, overwrite)
     show_a = data.load_batch(sample_files(root, "A", cfg), cfg.image_size)
     show_b = data.load_batch(sample_files(root, "B", cfg), cfg.image_size)
+    probe = metrics.probe_set(*(sample_files(root, d, cfg, metrics.PROBE_IMAGES) for d in "AB"),
+                              cfg.image_size)
 
     keras.utils.set_random_seed(cfg.seed)
     gan = models.build_cyclegan(cfg)
@@ -217,10 +233,11 @@ def train(cfg, resume=False, overwrite=False):
                 grid = paths["samples"] / f"epoch_{epoch:04d}.png"
                 tu.save_sample_grid(gan, show_a, show_b, grid, f"{cfg.name}, epoch {epoch}")
                 logger.image_file("samples", grid, step)
+                tu.save_loss_curves(history, paths["curves"])
+                metrics.track(gan, probe, paths["root"], logger, step, epoch)
             if epoch % cfg.save_every == 0 or last:
                 tu.save_models(gan, paths["models"])
             logger.flush()
-    tu.save_loss_curves(history, paths["curves"])
     print(f"Done: samples, loss curves and models in {paths['root']}")
 
 
@@ -239,6 +256,66 @@ def translate(generator_path, input_path, output_dir):
         out = models.translate_any_size(generator, image)
         data.write_image(Path(output_dir) / Path(path).name, out)
     print(f"Translated {len(files)} image(s) into {output_dir}")
+
+
+# --- evaluate --------------------------------------------------------------
+
+def evaluation_target(args):
+    """(run folder or None, generator paths, dataset, image size, output folder) for evaluate."""
+    if args.generators:
+        if not args.data:
+            raise CliError("--generators needs --data")
+        name = args.name or f"{Path(args.data).name}-eval"
+        size = args.image_size or (config.DEMO_DEFAULTS["image_size"] if args.data == "demo"
+                                   else config.Config.image_size)
+        return None, args.generators, args.data, size, Path(args.results_dir) / name
+    if not args.name:
+        raise CliError("evaluate needs --name NAME (a training run) or --generators A2B B2A --data D")
+    run = Path(args.results_dir) / args.name
+    if not (run / "config.json").is_file():
+        raise CliError(f"no run {args.name!r}: {run / 'config.json'} is missing")
+    saved = json.loads((run / "config.json").read_text())
+    models_dir = run / "models"
+    return (run, [models_dir / "generatorAToB.h5", models_dir / "generatorBToA.h5"],
+            args.data or saved["data"], args.image_size or saved["image_size"], run)
+
+
+def fid_kid_scores(args, g_ab, g_ba, files_a, files_b, size):
+    """FID and KID, or none after one line saying why they are skipped."""
+    import metrics
+    try:
+        if args.no_fid:
+            raise metrics.FeaturesUnavailable("--no-fid given")
+        inception = metrics.load_inception(args.inception_weights)
+        return metrics.distribution_scores(inception, g_ab, g_ba, files_a, files_b, size)
+    except metrics.FeaturesUnavailable as why:
+        print(f"FID/KID skipped: {why}")
+        return {}
+
+
+def evaluate(args):
+    import data
+    import metrics
+    import models
+    run, generators, dataset, size, out = evaluation_target(args)
+    config.make_config(image_size=size)  # the same size checks as training
+    g_ab, g_ba = (models.load_generator(path) for path in generators)
+    root = data.resolve_dataset(dataset)
+    files_a, files_b = (data.domain_files(root, "test", d) for d in "AB")
+    truth = metrics.truth_files(files_a)
+    source = f"{len(files_a)} A and {len(files_b)} B test images of {root} at {size} px"
+    print(f"Evaluating on {source}" + (", with paired truth" if truth else ""))
+    scores = metrics.image_scores(g_ab, g_ba, metrics.file_batches(files_a, size, truth),
+                                  metrics.file_batches(files_b, size))
+    scores.update(fid_kid_scores(args, g_ab, g_ba, files_a, files_b, size))
+    print(metrics.format_table(scores))
+    if truth:
+        print(metrics.truth_verdict(scores))
+    out.mkdir(parents=True, exist_ok=True)
+    metrics.save_scores(out / "metrics.json", scores, f"evaluate: {source}")
+    if run is not None:
+        metrics.write_results_page(run)
+    print(f"Metrics in {out / 'metrics.json'}" + (f", page {run / 'index.html'}" if run else ""))
 
 
 # --- summary ---------------------------------------------------------------
@@ -261,6 +338,8 @@ def main(argv=None):
         import_tensorflow_quietly()
         if args.command == "translate":
             translate(args.generator, args.input, args.output)
+        elif args.command == "evaluate":
+            evaluate(args)
         elif args.command == "summary":
             summary(args.preset, args.image_size)
         else:

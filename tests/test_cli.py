@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, write_images
+from test_metrics import page_links
 from test_training import read_tensorboard
 
 import main
@@ -59,6 +60,53 @@ def test_tensorboard_has_all_losses_learning_rate_samples_and_graphs(trained_run
         assert read_tensorboard(work / "logs" / "tiny" / run).Tags()["graph"]
 
 
+def test_training_logs_metrics_and_builds_a_page_whose_links_resolve(trained_run):
+    work, _ = trained_run
+    events = read_tensorboard(work / "logs" / "tiny")
+    for name in ("cycle_L1_A", "cycle_PSNR_B", "identity_L1_A", "identity_L1_B"):
+        assert [e.step for e in events.Tensors(f"metrics/{name}")] == [4, 8]
+    assert "metrics/FID_B" not in events.Tags()["tensors"]  # too slow for every sample epoch
+    run = work / "results" / "tiny"
+    assert json.loads((run / "metrics.json").read_text())["source"] == "epoch 2, 2 A and 2 B images"
+    links = page_links(run / "index.html")
+    assert {"loss_curves.png", "samples/epoch_0002.png", "samples/epoch_0001.png"} <= set(links)
+    assert links.index("samples/epoch_0002.png") < links.index("samples/epoch_0001.png")
+
+
+def test_evaluate_offline_skips_fid_kid_in_one_line_and_scores_the_rest(trained_run, monkeypatch,
+                                                                       capsys):
+    import keras.src.utils.file_utils as file_utils
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+    monkeypatch.setattr(file_utils, "get_file", offline)
+    work, _ = trained_run
+    monkeypatch.chdir(work)
+    assert main.main(["evaluate", "--name", "tiny"]) == 0
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if "FID" in line] == [
+        "FID/KID skipped: no InceptionV3 weights (no network); "
+        "pass --inception-weights PATH to use a local file"]
+    assert "cycle A->B->A, PSNR dB" in out and "identity, B through G_AB, L1" in out
+    saved = json.loads((work / "results/tiny/metrics.json").read_text())
+    assert saved["source"].startswith("evaluate: 2 A and 2 B test images")
+    assert set(saved["metrics"]) == {"cycle_L1_A", "cycle_PSNR_A", "cycle_L1_B", "cycle_PSNR_B",
+                                     "identity_L1_A", "identity_L1_B"}
+    assert "evaluate: 2 A and 2 B" in (work / "results/tiny/index.html").read_text()
+    page_links(work / "results/tiny/index.html")
+
+
+def test_evaluate_saved_generators_on_a_dataset(trained_run):
+    work, _ = trained_run
+    models_dir = work / "results/tiny/models"
+    result = run_cli("evaluate", "--generators", models_dir / "generatorAToB.h5",
+                     models_dir / "generatorBToA.h5", "--data", "data", "--image-size", 32,
+                     "--no-fid", cwd=work)
+    assert "FID/KID skipped: --no-fid given" in result.stdout
+    saved = json.loads((work / "results/data-eval/metrics.json").read_text())
+    assert 0 < saved["metrics"]["cycle_L1_A"] < 1
+
+
 def test_translate_any_size_keeps_names(trained_run, tmp_path):
     work, _ = trained_run
     pixels = np.random.default_rng(0).integers(0, 256, (200, 300, 3), dtype=np.uint8)
@@ -97,6 +145,10 @@ def test_summary_prints_book_sizes(tmp_path):
     (["--preset", "nope"], "unknown preset"),
     (["--norm", "nope"], "invalid choice"),
     (["translate", "--generator", "missing.h5", "--input", ".", "--output", "o"], "not an existing"),
+    (["evaluate"], "evaluate needs --name"),
+    (["evaluate", "--name", "nothing"], "no run 'nothing'"),
+    (["evaluate", "--generators", "a.h5", "b.h5"], "--generators needs --data"),
+    (["evaluate", "--generators", "a.h5", "b.h5", "--data", ".", "--image-size", "30"], "multiple of 4"),
 ])
 def test_bad_input_is_a_one_line_error(tmp_path, args, words):
     result = run_cli(*args, cwd=tmp_path, check=False)

@@ -1,0 +1,295 @@
+"""How good is a run: cycle, identity and paired-truth scores, FID/KID, the results page.
+
+Every image score is computed on [0, 1] pixels, per image, then averaged.
+Names end in the domain of the images scored: cycle_L1_A is A->B->A.
+"""
+import datetime
+import html
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+import tensorflow as tf
+
+import data
+from config import UserError
+from train_utils import atomic_path, to_unit
+
+EVAL_BATCH = 8          # images per generator call: memory stays flat on any test set
+PROBE_IMAGES = 8        # per domain, scored at every sample epoch of a training run
+PSNR_CAP_DB = 100.0     # identical images would give infinity, which JSON cannot hold
+KID_SUBSET = 1000       # as Binkowski et al.
+KID_SUBSETS = 100
+INCEPTION_PX = 299
+
+LABELS = {
+    "cycle_L1_A": "cycle A->B->A, L1",
+    "cycle_PSNR_A": "cycle A->B->A, PSNR dB",
+    "cycle_L1_B": "cycle B->A->B, L1",
+    "cycle_PSNR_B": "cycle B->A->B, PSNR dB",
+    "identity_L1_A": "identity, A through G_BA, L1",
+    "identity_L1_B": "identity, B through G_AB, L1",
+    "truth_PSNR": "G_AB(A) vs truth, PSNR dB",
+    "baseline_PSNR": "A vs truth (do nothing), PSNR dB",
+    "truth_SSIM": "G_AB(A) vs truth, SSIM",
+    "baseline_SSIM": "A vs truth (do nothing), SSIM",
+    "FID_B": "FID, G_AB(A) vs B",
+    "KID_B": "KID, G_AB(A) vs B",
+    "FID_A": "FID, G_BA(B) vs A",
+    "KID_A": "KID, G_BA(B) vs A",
+}
+
+
+class FeaturesUnavailable(Exception):
+    """No Inception features (no weights, too few images): FID/KID are skipped."""
+
+
+# --- Image scores ----------------------------------------------------------
+
+def l1(x, y):
+    return np.mean(np.abs(x - y), axis=(1, 2, 3))
+
+
+def psnr(x, y):
+    mse = np.mean((x - y) ** 2, axis=(1, 2, 3))
+    return 10 * np.log10(1.0 / np.maximum(mse, 10 ** (-PSNR_CAP_DB / 10)))
+
+
+def ssim(x, y):
+    return tf.image.ssim(tf.constant(x), tf.constant(y), max_val=1.0).numpy()
+
+
+def batch_scores(x, forward, backward, domain, truth=None):
+    """Per-image scores of a [-1, 1] batch x of `domain`; paired-truth ones given `truth`.
+
+    forward maps x to the other domain, backward maps back into `domain`.
+    """
+    fake = forward(x, training=False)
+    x01 = to_unit(x)
+    rec = to_unit(backward(fake, training=False))
+    same = to_unit(backward(x, training=False))
+    scores = {f"cycle_L1_{domain}": l1(rec, x01), f"cycle_PSNR_{domain}": psnr(rec, x01),
+              f"identity_L1_{domain}": l1(same, x01)}
+    if truth is not None:
+        fake01, truth01 = to_unit(fake), to_unit(truth)
+        scores.update(truth_PSNR=psnr(fake01, truth01), baseline_PSNR=psnr(x01, truth01),
+                      truth_SSIM=ssim(fake01, truth01), baseline_SSIM=ssim(x01, truth01))
+    return scores
+
+
+def image_scores(g_ab, g_ba, batches_a, batches_b):
+    """Mean of every batch score over all images; batches yield (images, truth or None)."""
+    per_image = defaultdict(list)
+    for domain, forward, backward, batches in (("A", g_ab, g_ba, batches_a),
+                                               ("B", g_ba, g_ab, batches_b)):
+        for x, truth in batches:
+            for name, values in batch_scores(x, forward, backward, domain, truth).items():
+                per_image[name].append(values)
+    return {name: float(np.mean(np.concatenate(v))) for name, v in per_image.items()}
+
+
+def truth_files(files):
+    """The paired truth of images in FOLDER: FOLDER_truth/ with the same names, or None."""
+    folder = Path(files[0]).parent
+    truth_dir = folder.with_name(folder.name + "_truth")
+    if not truth_dir.is_dir():
+        return None
+    truth = [truth_dir / Path(f).name for f in files]
+    missing = [p.name for p in truth if not p.is_file()]
+    if missing:
+        raise data.DataError(f"{truth_dir} lacks {len(missing)} of the images in {folder} "
+                             f"(e.g. {missing[0]}); add them or remove the folder")
+    return [str(p) for p in truth]
+
+
+def file_batches(files, size, truth=None):
+    """(images, truth images or None) batches of EVAL_BATCH, loaded as they are needed."""
+    for i in range(0, len(files), EVAL_BATCH):
+        yield (data.load_batch(files[i:i + EVAL_BATCH], size),
+               None if truth is None else data.load_batch(truth[i:i + EVAL_BATCH], size))
+
+
+def probe_set(files_a, files_b, size):
+    """A fixed, preloaded evaluation set for training: ([(A, truth)], [(B, None)])."""
+    files_a, files_b = files_a[:PROBE_IMAGES], files_b[:PROBE_IMAGES]
+    return (list(file_batches(files_a, size, truth_files(files_a))),
+            list(file_batches(files_b, size)))
+
+
+# --- FID and KID -----------------------------------------------------------
+
+def psd_sqrt(c):
+    """Square root of a symmetric positive semi-definite matrix."""
+    w, v = np.linalg.eigh(c)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(mu1, c1, mu2, c2):
+    """||mu1 - mu2||^2 + Tr(c1 + c2 - 2 (c1 c2)^1/2) between two Gaussians.
+
+    Tr (c1 c2)^1/2 is taken from the symmetric sqrt(c1) c2 sqrt(c1), which has
+    the same eigenvalues, so no general matrix square root (scipy) is needed.
+    """
+    s1 = psd_sqrt(c1)
+    eigenvalues = np.linalg.eigvalsh(s1 @ c2 @ s1)
+    trace_sqrt = np.sum(np.sqrt(np.clip(eigenvalues, 0, None)))
+    return float(np.sum((mu1 - mu2) ** 2) + np.trace(c1) + np.trace(c2) - 2 * trace_sqrt)
+
+
+def fid(x, y):
+    """Fréchet distance between Gaussians fitted to two feature sets (rows)."""
+    return frechet_distance(x.mean(0), np.cov(x, rowvar=False), y.mean(0), np.cov(y, rowvar=False))
+
+
+def polynomial_kernel(x, y):
+    return (x @ y.T / x.shape[1] + 1.0) ** 3
+
+
+def mmd2_unbiased(x, y):
+    """Unbiased squared MMD: kernel means without the diagonal of k(x, x) and k(y, y)."""
+    kxx, kyy = polynomial_kernel(x, x), polynomial_kernel(y, y)
+    m, n = len(x), len(y)
+    return ((kxx.sum() - np.trace(kxx)) / (m * (m - 1)) + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+            - 2 * polynomial_kernel(x, y).mean())
+
+
+def kid(x, y, subset=KID_SUBSET, subsets=KID_SUBSETS, seed=0):
+    """Kernel Inception Distance: mean unbiased MMD^2 over random subsets of the features."""
+    if len(x) <= subset and len(y) <= subset:
+        return float(mmd2_unbiased(x, y))
+    rng = np.random.default_rng(seed)
+    size = min(subset, len(x), len(y))
+    return float(np.mean([mmd2_unbiased(x[rng.choice(len(x), size, replace=False)],
+                                        y[rng.choice(len(y), size, replace=False)])
+                          for _ in range(subsets)]))
+
+
+def load_inception(weights=None):
+    """InceptionV3 average-pooled features, ImageNet weights from `weights` or a download.
+
+    Raises FeaturesUnavailable when the download fails and UserError for a bad local file.
+    """
+    import keras
+    if weights is not None and not Path(weights).is_file():
+        raise UserError(f"--inception-weights {weights} is not a file")
+    try:
+        with data.download_timeout():
+            return keras.applications.InceptionV3(include_top=False, pooling="avg",
+                                                  input_shape=(INCEPTION_PX, INCEPTION_PX, 3),
+                                                  weights=weights or "imagenet")
+    except Exception as error:
+        if weights is not None:
+            raise UserError(f"--inception-weights {weights} does not fit InceptionV3 without its "
+                            f"top ({data.one_line(error)})") from None
+        raise FeaturesUnavailable(f"no InceptionV3 weights ({data.one_line(error)}); "
+                                  "pass --inception-weights PATH to use a local file") from None
+
+
+def features(model, batches):
+    """Feature rows of [-1, 1] image batches, resized to the model's input."""
+    from keras.applications.inception_v3 import preprocess_input
+    rows = []
+    for x in batches:
+        x = tf.image.resize(x, model.input_shape[1:3])
+        rows.append(np.asarray(model(preprocess_input(to_unit(x) * 255.0), training=False)))
+    return np.concatenate(rows).astype(np.float64)
+
+
+def distribution_scores(model, g_ab, g_ba, files_a, files_b, size):
+    """FID and KID between translated and real images of each target domain."""
+    if min(len(files_a), len(files_b)) < 2:
+        raise FeaturesUnavailable("FID/KID need at least 2 test images per domain")
+    scores = {}
+    for domain, real_files, generator, source_files in (("B", files_b, g_ab, files_a),
+                                                        ("A", files_a, g_ba, files_b)):
+        real = features(model, (x for x, _ in file_batches(real_files, size)))
+        fake = features(model, (generator(x, training=False) for x, _ in file_batches(source_files, size)))
+        scores[f"FID_{domain}"] = fid(fake, real)
+        scores[f"KID_{domain}"] = kid(fake, real)
+    return scores
+
+
+# --- Reporting -------------------------------------------------------------
+
+def table_rows(scores):
+    """(label, value) pairs in a fixed order, for the scores present."""
+    return [(label, f"{scores[name]:.4g}") for name, label in LABELS.items() if name in scores]
+
+
+def format_table(scores):
+    rows = table_rows(scores)
+    width = max(len(label) for label, _ in rows)
+    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+
+
+def truth_verdict(scores):
+    """One line: did G_AB beat doing nothing on the paired truth?"""
+    better = scores["truth_PSNR"] > scores["baseline_PSNR"]
+    return (f"G_AB(A) is {'closer to' if better else 'no closer to'} the truth than A itself: "
+            f"PSNR {scores['truth_PSNR']:.2f} dB vs {scores['baseline_PSNR']:.2f} dB")
+
+
+def save_scores(path, scores, source):
+    """metrics.json: the scores and what they were measured on, written whole."""
+    tmp = atomic_path(path)
+    tmp.write_text(json.dumps({"source": source, "metrics": scores}, indent=2))
+    os.replace(tmp, path)
+
+
+def track(gan, probe, run, logger, step, epoch):
+    """At a sample epoch: probe scores to TensorBoard and metrics.json, the page rebuilt."""
+    scores = image_scores(gan.g_ab, gan.g_ba, *probe)
+    logger.scalars({f"metrics/{name}": value for name, value in scores.items()}, step)
+    counts = [sum(len(x) for x, _ in batches) for batches in probe]
+    save_scores(Path(run) / "metrics.json", scores,
+                f"epoch {epoch}, {counts[0]} A and {counts[1]} B images")
+    write_results_page(run)
+
+
+# --- The results page ------------------------------------------------------
+
+def html_table(rows):
+    cells = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+                    for k, v in rows)
+    return f"<table>{cells}</table>"
+
+
+def link(run, name):
+    """An <a> to a file of the run folder, relative so the page opens from anywhere."""
+    return f'<a href="{quote(name)}">{html.escape(name)}</a>' if (Path(run) / name).is_file() else ""
+
+
+def write_results_page(run):
+    """run/index.html: settings, latest metrics, loss curves, sample grids newest first."""
+    run = Path(run)
+    parts = [f"<h1>{html.escape(run.name)}</h1>",
+             f"<p>Updated {datetime.datetime.now():%Y-%m-%d %H:%M}. "
+             + " ".join(link(run, n) for n in ("config.json", "metrics.json", "losses.csv")) + "</p>"]
+    if (run / "config.json").is_file():
+        settings = json.loads((run / "config.json").read_text())
+        parts.append(f"<details><summary>Settings</summary>{html_table(settings.items())}</details>")
+    if (run / "metrics.json").is_file():
+        saved = json.loads((run / "metrics.json").read_text())
+        parts += [f"<h2>Metrics ({html.escape(saved['source'])})</h2>",
+                  html_table(table_rows(saved["metrics"]))]
+    if (run / "loss_curves.png").is_file():
+        parts += ["<h2>Loss curves</h2>", '<img src="loss_curves.png" alt="loss curves">']
+    grids = sorted((run / "samples").glob("epoch_*.png"), reverse=True)
+    if grids:
+        parts.append("<h2>Samples, newest first</h2>")
+        parts += [f'<figure><img src="samples/{quote(g.name)}" alt="{html.escape(g.stem)}">'
+                  f"<figcaption>{html.escape(g.stem)}</figcaption></figure>" for g in grids]
+    page = ("<!DOCTYPE html><html><head><meta charset=\"utf-8\">"
+            f"<title>{html.escape(run.name)}</title><style>{PAGE_STYLE}</style></head><body>\n"
+            + "\n".join(parts) + "\n</body></html>\n")
+    tmp = atomic_path(run / "index.html")
+    tmp.write_text(page, encoding="utf-8")
+    os.replace(tmp, run / "index.html")
+
+
+PAGE_STYLE = ("body{font-family:sans-serif;margin:2em;max-width:60em}"
+              "th{text-align:left;padding-right:2em;font-weight:normal}td{font-family:monospace}"
+              "img{max-width:100%}figure{margin:1em 0}")
