@@ -235,10 +235,16 @@ def read_image(path):
     return image.numpy().astype(np.float32) / 127.5 - 1.0
 
 
+def atomic_path(path):
+    """A temporary sibling to write to before `os.replace`, keeping the suffix."""
+    path = Path(path)
+    return path.with_name(f".{path.stem}.tmp{path.suffix}")
+
+
 def write_image(path, image):
     """Write a [-1, 1] image; the file name's extension picks the format."""
     from PIL import Image
     pixels = np.round((np.clip(image, -1, 1) + 1) * 127.5).astype(np.uint8)
-    tmp = Path(path).with_name(f".{Path(path).stem}.tmp{Path(path).suffix}")
+    tmp = atomic_path(path)
     Image.fromarray(pixels).save(tmp, format=Image.registered_extensions().get(Path(path).suffix.lower(), "PNG"))
     os.replace(tmp, path)

@@ -148,7 +148,8 @@ def prepare_run_folder(cfg, paths, resume, overwrite):
         shutil.rmtree(paths["root"])
         shutil.rmtree(Path(cfg.log_dir) / cfg.name, ignore_errors=True)
     paths["samples"].mkdir(parents=True, exist_ok=True)
-    tmp = paths["root"] / ".config.tmp.json"
+    import data
+    tmp = data.atomic_path(paths["config"])
     tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
     os.replace(tmp, paths["config"])
 

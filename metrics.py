@@ -16,7 +16,8 @@ import tensorflow as tf
 
 import data
 from config import UserError
-from train_utils import atomic_path, to_unit
+from data import atomic_path
+from train_utils import to_unit
 
 EVAL_BATCH = 8          # images per generator call: memory stays flat on any test set
 PROBE_IMAGES = 8        # per domain, scored at every sample epoch of a training run

@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from config import UserError  # noqa: E402
+from data import atomic_path  # noqa: E402
 from models import OUTPUT_NAMES  # noqa: E402
 
 D_LOSS_NAMES = ("D_A", "D_B")
@@ -227,12 +228,6 @@ class LossHistory:
         for i, name in enumerate(LOSS_NAMES):
             data[name] = np.array([float(values[i]) for _, values in rows])
         return data
-
-
-def atomic_path(path):
-    """A temporary sibling to write to before `os.replace`, keeping the suffix."""
-    path = Path(path)
-    return path.with_name(f".{path.stem}.tmp{path.suffix}")
 
 
 def save_loss_curves(history, path):
