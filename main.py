@@ -154,7 +154,7 @@ def prepare_run_folder(cfg, paths, resume, overwrite):
     os.replace(tmp, paths["config"])
 
 
-def sample_files(root, domain, cfg, count=SAMPLE_COUNT):
+def sample_files(root, domain, cfg, count):
     """A few fixed test images (train images when there is no test split)."""
     import data
     try:
@@ -177,10 +177,11 @@ def train(cfg, resume=False, overwrite=False):
     files_b = data.domain_files(root, "train", "B", cfg.limit)
     paths = run_paths(cfg)
     prepare_run_folder(cfg, paths, resume, overwrite)
-    show_a = data.load_batch(sample_files(root, "A", cfg), cfg.image_size)
-    show_b = data.load_batch(sample_files(root, "B", cfg), cfg.image_size)
-    probe = metrics.probe_set(*(sample_files(root, d, cfg, metrics.PROBE_IMAGES) for d in "AB"),
-                              cfg.image_size)
+    fixed_a, fixed_b = (sample_files(root, d, cfg, max(SAMPLE_COUNT, metrics.PROBE_IMAGES))
+                        for d in "AB")
+    show_a = data.load_batch(fixed_a[:SAMPLE_COUNT], cfg.image_size)
+    show_b = data.load_batch(fixed_b[:SAMPLE_COUNT], cfg.image_size)
+    probe = metrics.probe_set(fixed_a, fixed_b, cfg.image_size)
 
     keras.utils.set_random_seed(cfg.seed)
     gan = models.build_cyclegan(cfg)

@@ -5,9 +5,11 @@ Every builder is a pure function of a `config.Config`; nothing here trains.
 from dataclasses import dataclass
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import layers
 
+from config import UserError
 from cyclegan_layers import ReflectionPadding2D
 
 OUTPUT_NAMES = ("adv_A", "adv_B", "cycle_A", "cycle_B", "identity_A", "identity_B")
@@ -190,7 +192,6 @@ def build_cyclegan(cfg):
 
 def load_generator(path):
     """A saved generator, checked to map RGB images to RGB images."""
-    from config import UserError
     if not str(path).endswith((".h5", ".keras")) or not tf.io.gfile.exists(str(path)):
         raise UserError(f"--generator {path} is not an existing .h5 or .keras file")
     try:
@@ -207,7 +208,6 @@ def load_generator(path):
 
 def translate_any_size(generator, image):
     """Translate one HxWx3 [-1, 1] image of any size: edge-pad to a multiple of 4, crop back."""
-    import numpy as np
     h, w = image.shape[:2]
     padded = np.pad(image, ((0, -h % 4), (0, -w % 4), (0, 0)), mode="edge")
     return np.asarray(generator(padded[None], training=False)[0])[:h, :w]
