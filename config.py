@@ -53,6 +53,11 @@ class Config:
     pool_size: int = 0               # image history per domain, 0 = off
     d_update: str = "split"          # split: real and fake separately | joint: one update, loss halved
 
+    # Devices and speed.
+    strategy: str = "default"        # default | mirrored (all local GPUs) | multiworker (TF_CONFIG)
+    mixed_precision: bool = False    # mixed_float16 compute, float32 weights and losses (GPU)
+    jit_compile: bool = False        # XLA; slower on the 2-core CPU measured, try it on a GPU
+
     # Outputs.
     sample_every: int = 10           # epochs
     save_every: int = 10             # epochs
@@ -122,6 +127,7 @@ CHOICES = {
     "disc": ("book", "patch70"),
     "disc_activation": ("sigmoid", "linear"),
     "d_update": ("split", "joint"),
+    "strategy": ("default", "mirrored", "multiworker"),
 }
 
 

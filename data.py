@@ -134,7 +134,7 @@ def augment(image, crop_size, seed):
     return tf.image.stateless_random_flip_left_right(image, seed=flip_seed)
 
 
-def domain_dataset(files, cfg, seed):
+def domain_dataset(files, cfg, seed, replicas=1):
     """Endless shuffled, augmented, batched images of one domain.
 
     Each domain reshuffles on its own as it runs out, so unpaired domains
@@ -146,19 +146,19 @@ def domain_dataset(files, cfg, seed):
     ds = tf.data.Dataset.zip(ds, tf.data.Dataset.random(seed=seed).batch(2))
     ds = ds.map(lambda p, s: augment(load_image(p, load_px), cfg.image_size, s),
                 num_parallel_calls=tf.data.AUTOTUNE)
-    return ds.batch(cfg.batch_size, drop_remainder=True)
+    return ds.batch(cfg.batch_size * replicas, drop_remainder=True)
 
 
-def train_dataset(files_a, files_b, cfg):
-    """Endless (batch_A, batch_B) pairs, prefetched."""
-    pairs = tf.data.Dataset.zip((domain_dataset(files_a, cfg, cfg.seed),
-                                 domain_dataset(files_b, cfg, cfg.seed + 1)))
+def train_dataset(files_a, files_b, cfg, replicas=1):
+    """Endless (batch_A, batch_B) pairs of global batches (--batch-size per replica), prefetched."""
+    pairs = tf.data.Dataset.zip((domain_dataset(files_a, cfg, cfg.seed, replicas),
+                                 domain_dataset(files_b, cfg, cfg.seed + 1, replicas)))
     return pairs.prefetch(tf.data.AUTOTUNE)
 
 
-def steps_per_epoch(files_a, files_b, cfg):
-    """max(|A|, |B|) / batch, as the official implementation, unless set."""
-    return cfg.steps_per_epoch or max(1, max(len(files_a), len(files_b)) // cfg.batch_size)
+def steps_per_epoch(files_a, files_b, cfg, replicas=1):
+    """max(|A|, |B|) / global batch, as the official implementation, unless set."""
+    return cfg.steps_per_epoch or max(1, max(len(files_a), len(files_b)) // (cfg.batch_size * replicas))
 
 
 def load_batch(files, size):

@@ -184,11 +184,14 @@ def train(cfg, resume=False, overwrite=False):
     probe = metrics.probe_set(fixed_a, fixed_b, cfg.image_size)
 
     keras.utils.set_random_seed(cfg.seed)
-    gan = models.build_cyclegan(cfg)
-    pools = (tu.ImagePool(cfg.pool_size, cfg.seed), tu.ImagePool(cfg.pool_size, cfg.seed + 1))
-    batches = iter(data.train_dataset(files_a, files_b, cfg))
-    checkpoint = tu.RunCheckpoint(gan, pools, batches, paths["checkpoints"], cfg.image_size)
-    steps = data.steps_per_epoch(files_a, files_b, cfg)
+    strategy = tu.make_strategy(cfg.strategy)
+    replicas = strategy.num_replicas_in_sync
+    with strategy.scope():
+        gan = models.build_cyclegan(cfg)
+        pools = (tu.ImagePool(cfg.pool_size, cfg.seed), tu.ImagePool(cfg.pool_size, cfg.seed + 1))
+        batches = iter(data.train_dataset(files_a, files_b, cfg, replicas))
+        checkpoint = tu.RunCheckpoint(gan, pools, batches, paths["checkpoints"], cfg.image_size)
+    steps = data.steps_per_epoch(files_a, files_b, cfg, replicas)
     total_steps = steps * cfg.total_epochs
     step = checkpoint.restore() if resume else 0
     if resume and step >= total_steps:
@@ -203,6 +206,8 @@ def train(cfg, resume=False, overwrite=False):
     checkpoint_every = cfg.checkpoint_every or steps
     print(f"{len(files_a)} A and {len(files_b)} B images, {steps} steps per epoch, "
           f"{cfg.total_epochs} epochs; TensorBoard: tensorboard --logdir {cfg.log_dir}")
+    if replicas > 1:
+        print(f"{replicas} replicas: global batch {cfg.batch_size * replicas} per domain")
 
     with tu.StopOnSignal() as stop:
         for epoch in range(step // steps + 1, cfg.total_epochs + 1):

@@ -2,6 +2,7 @@
 
 Every builder is a pure function of a `config.Config`; nothing here trains.
 """
+import contextlib
 from dataclasses import dataclass
 
 import keras
@@ -90,7 +91,7 @@ def build_generator(cfg, name="generator"):
     x = upsample_block(x, 2 * f, cfg)
     x = upsample_block(x, f, cfg)
     x = conv(x, 3, 7, 1, cfg)
-    outputs = layers.Activation("tanh")(x)
+    outputs = layers.Activation("tanh", dtype="float32")(x)  # float32 out under mixed precision
     return keras.Model(inputs, outputs, name=name)
 
 
@@ -111,7 +112,7 @@ def build_discriminator(cfg, name="discriminator"):
         x = norm_layer("instance", cfg)(x)
         x = layers.LeakyReLU(0.2)(x)
     x = layers.ZeroPadding2D(1)(x)
-    outputs = layers.Conv2D(1, 4, 1, activation=cfg.disc_activation,
+    outputs = layers.Conv2D(1, 4, 1, activation=cfg.disc_activation, dtype="float32",
                             kernel_initializer=kernel_init(cfg))(x)
     return keras.Model(inputs, outputs, name=name)
 
@@ -143,7 +144,7 @@ def build_adversarial_model(g_ab, g_ba, d_a, d_b, cfg):
     d_b.trainable = False
     model = keras.Model([real_a, real_b], outputs, name="adversarial")
     model.compile(optimizer=make_optimizer(cfg), loss=list(OUTPUT_LOSSES),
-                  loss_weights=cfg.loss_weights)
+                  loss_weights=cfg.loss_weights, jit_compile=cfg.jit_compile)
     return model
 
 
@@ -156,10 +157,12 @@ class CycleGAN:
     d_b: keras.Model
     adversarial: keras.Model
 
+    jit_compile: bool = False
+
     def __post_init__(self):
         # Inference mode, as the chapter's `predict`, but one compiled call
         # for both directions instead of two `predict` runs per step.
-        @tf.function(reduce_retracing=True)
+        @tf.function(reduce_retracing=True, jit_compile=self.jit_compile)
         def translate(real_a, real_b):
             return self.g_ab(real_a, training=False), self.g_ba(real_b, training=False)
         self.translate = translate
@@ -178,16 +181,33 @@ class CycleGAN:
         self.d_b.trainable = flag
 
 
+@contextlib.contextmanager
+def dtype_policy(cfg):
+    """Layers built inside compute in float16 with --mixed-precision, float32 otherwise."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_float16" if cfg.mixed_precision else "float32")
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
 def build_cyclegan(cfg):
-    """Two generators, two compiled discriminators, one compiled adversarial model."""
-    g_ab = build_generator(cfg, "generator_AtoB")
-    g_ba = build_generator(cfg, "generator_BtoA")
-    d_a = build_discriminator(cfg, "discriminator_A")
-    d_b = build_discriminator(cfg, "discriminator_B")
-    for d in (d_a, d_b):
-        d.compile(optimizer=make_optimizer(cfg), loss="mse")
-    adversarial = build_adversarial_model(g_ab, g_ba, d_a, d_b, cfg)
-    return CycleGAN(g_ab, g_ba, d_a, d_b, adversarial)
+    """Two generators, two compiled discriminators, one compiled adversarial model.
+
+    Call it inside a `tf.distribute` strategy's scope to place the weights
+    and optimizer states on every replica.
+    """
+    with dtype_policy(cfg):
+        g_ab = build_generator(cfg, "generator_AtoB")
+        g_ba = build_generator(cfg, "generator_BtoA")
+        d_a = build_discriminator(cfg, "discriminator_A")
+        d_b = build_discriminator(cfg, "discriminator_B")
+        for d in (d_a, d_b):
+            # Under mixed_float16, Keras 3 wraps the optimizer in a LossScaleOptimizer itself.
+            d.compile(optimizer=make_optimizer(cfg), loss="mse", jit_compile=cfg.jit_compile)
+        adversarial = build_adversarial_model(g_ab, g_ba, d_a, d_b, cfg)
+    return CycleGAN(g_ab, g_ba, d_a, d_b, adversarial, cfg.jit_compile)
 
 
 def load_generator(path):

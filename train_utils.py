@@ -74,13 +74,51 @@ def build_optimizers(gan):
     gan.adversarial.optimizer.build(gan.adversarial.trainable_variables)
 
 
+def make_strategy(name):
+    """The tf.distribute strategy for --strategy; build models inside its scope."""
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multiworker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    return tf.distribute.get_strategy()
+
+
+def fit_batch(model, x, y):
+    """One optimizer step of a compiled model; returns its losses as floats.
+
+    With one replica this is plain `train_on_batch`. With several, Keras 3's
+    `train_on_batch` would hand every replica the whole batch, so the same
+    compiled train function is called with the batch split across replicas
+    (gradients are then all-reduced, as in `fit`).
+    """
+    strategy = model.distribute_strategy
+    if strategy.num_replicas_in_sync == 1:
+        logs = model.train_on_batch(x, y, return_dict=True)
+    else:
+        # What train_on_batch does first: create loss trackers and optimizer
+        # slots outside the replicated step, where variables cannot be made.
+        with strategy.scope():
+            model._symbolic_build(data_batch=(x, y, None))
+        model.make_train_function()
+        model.reset_metrics()  # as train_on_batch: losses of this batch only
+        shards = tf.nest.map_structure(lambda t: split_across_replicas(strategy, t), (x, y))
+        logs = model.train_function(iter([shards + (None,)]))
+    return {k: float(v) for k, v in logs.items()}
+
+
+def split_across_replicas(strategy, tensor):
+    parts = tf.split(tensor, strategy.num_replicas_in_sync)
+    return strategy.experimental_distribute_values_from_function(
+        lambda context: parts[context.replica_id_in_sync_group])
+
+
 def update_discriminator(d, real, fake, cfg):
     """One D update (joint) or two (split, the chapter's); returns the D loss."""
     ones = tf.ones((real.shape[0],) + tuple(d.output.shape[1:]))
     if cfg.d_update == "joint":
         # mse over real and fake together is half their sum: the paper's halved loss.
-        return float(d.train_on_batch(tf.concat([real, fake], 0), tf.concat([ones, 0 * ones], 0)))
-    return 0.5 * (float(d.train_on_batch(real, ones)) + float(d.train_on_batch(fake, 0 * ones)))
+        return fit_batch(d, tf.concat([real, fake], 0), tf.concat([ones, 0 * ones], 0))["loss"]
+    return 0.5 * (fit_batch(d, real, ones)["loss"] + fit_batch(d, fake, 0 * ones)["loss"])
 
 
 def train_step(gan, real_a, real_b, pools, cfg):
@@ -93,10 +131,9 @@ def train_step(gan, real_a, real_b, pools, cfg):
               "D_B": update_discriminator(gan.d_b, real_b, fake_b, cfg)}
     gan.set_discriminators_trainable(False)
     ones = tf.ones((real_a.shape[0],) + gan.patch_shape)
-    g = gan.adversarial.train_on_batch([real_a, real_b], [ones, ones, real_a, real_b, real_a, real_b],
-                                       return_dict=True)
-    losses.update({name: float(g[f"{name}_loss"]) for name in OUTPUT_NAMES})
-    losses["G_total"] = float(g["loss"])
+    g = fit_batch(gan.adversarial, [real_a, real_b], [ones, ones, real_a, real_b, real_a, real_b])
+    losses.update({name: g[f"{name}_loss"] for name in OUTPUT_NAMES})
+    losses["G_total"] = g["loss"]
     return losses
 
 
