@@ -18,7 +18,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import config  # noqa: E402
 
-COMMANDS = ("train", "translate", "evaluate", "summary")
+COMMANDS = ("train", "translate", "evaluate", "summary", "benchmark")
 SAMPLE_COUNT = 3
 
 
@@ -40,10 +40,6 @@ def add_config_flags(parser):
         else:
             parser.add_argument(flag, type=type(field.default), default=None,
                                 choices=config.CHOICES.get(field.name))
-    parser.add_argument("--overwrite", action="store_true",
-                        help="start the run NAME again, replacing its results")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue the run NAME from its latest checkpoint")
 
 
 def add_evaluate_flags(parser):
@@ -61,7 +57,17 @@ def build_parser():
     parser = Parser(prog="main.py", description=__doc__,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command")
-    add_config_flags(commands.add_parser("train", help="train a CycleGAN (default)"))
+    train = commands.add_parser("train", help="train a CycleGAN (default)")
+    add_config_flags(train)
+    train.add_argument("--overwrite", action="store_true",
+                       help="start the run NAME again, replacing its results")
+    train.add_argument("--resume", action="store_true",
+                       help="continue the run NAME from its latest checkpoint")
+    bench = commands.add_parser("benchmark", help="time the training step and input pipeline")
+    add_config_flags(bench)
+    bench.add_argument("--steps", type=int, default=10, help="timed training steps")
+    bench.add_argument("--pipeline-images", type=int, default=200, help="image files per domain")
+    bench.add_argument("--json", action="store_true", help="print the figures as JSON")
     translate = commands.add_parser("translate", help="translate images with a saved generator")
     translate.add_argument("--generator", required=True, help="a saved generator .h5")
     translate.add_argument("--input", required=True, help="an image file or a folder of images")
@@ -325,6 +331,18 @@ def evaluate(args):
     print(f"Metrics in {out / 'metrics.json'}" + (f", page {run / 'index.html'}" if run else ""))
 
 
+# --- benchmark -------------------------------------------------------------
+
+def benchmark(args):
+    import benchmark as bench
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config.Config)}
+    cfg = config.make_config(given.pop("preset") or "book", **given)
+    if args.steps < 1 or args.pipeline_images < 1:
+        raise CliError("--steps and --pipeline-images must be at least 1")
+    figures = bench.run_benchmark(cfg, args.steps, args.pipeline_images)
+    print(json.dumps(figures, indent=2) if args.json else bench.format_figures(figures))
+
+
 # --- summary ---------------------------------------------------------------
 
 def summary(preset, image_size):
@@ -347,6 +365,8 @@ def main(argv=None):
             translate(args.generator, args.input, args.output)
         elif args.command == "evaluate":
             evaluate(args)
+        elif args.command == "benchmark":
+            benchmark(args)
         elif args.command == "summary":
             summary(args.preset, args.image_size)
         else:

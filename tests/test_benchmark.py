@@ -1,0 +1,51 @@
+import json
+
+import keras
+import numpy as np
+import pytest
+
+import benchmark
+import models
+from config import make_config
+from test_cli import run_cli
+
+FIGURES = ("seconds_per_iteration", "seconds_per_iteration_min", "seconds_per_iteration_max",
+           "iterations_per_s", "images_per_s", "gflop_per_iteration", "achieved_gflop_s",
+           "machine_gflop_s", "utilization", "fake_generation_speedup", "pipeline_images_per_s",
+           "pipeline_headroom", "peak_rss_mb")
+
+
+def test_conv_flops_are_counted_from_kernel_sizes_and_output_shapes():
+    inputs = keras.Input((None, None, 3))
+    x = keras.layers.Conv2D(8, 3, padding="same")(inputs)              # 2*16*16*8 * 3*3*3
+    x = keras.layers.Conv2D(4, 4, strides=2, padding="same")(x)        # 2*8*8*4 * 4*4*8
+    x = keras.layers.Conv2DTranspose(5, 3, strides=2, padding="same")(x)  # 2*8*8*4 * 3*3*5
+    model = keras.Model(inputs, x)
+    expected = 2 * (16 * 16 * 8 * 27 + 8 * 8 * 4 * 128 + 8 * 8 * 4 * 45)
+    assert benchmark.conv_gflop(model, 2, 16) == pytest.approx(2 * expected / 1e9)
+
+
+def test_iteration_counts_twenty_generator_and_sixteen_discriminator_passes():
+    cfg = make_config(image_size=32, filters=8)
+    gan = models.build_cyclegan(cfg)
+    g = benchmark.conv_gflop(gan.g_ab, 1, 32)
+    d = benchmark.conv_gflop(gan.d_a, 1, 32)
+    assert g > 0 and d > 0
+    assert benchmark.iteration_gflop(gan, cfg) == pytest.approx(20 * g + 16 * d)
+
+
+def test_benchmark_command_prints_every_figure(tmp_path):
+    result = run_cli("benchmark", "--image-size", 32, "--filters", 8, "--steps", 2,
+                     "--pipeline-images", 8, "--json", cwd=tmp_path)
+    figures = json.loads(result.stdout)
+    for name in FIGURES:
+        assert np.isfinite(figures[name]) and figures[name] > 0, name
+    assert figures["utilization"] == pytest.approx(
+        figures["achieved_gflop_s"] / figures["machine_gflop_s"])
+    assert figures["pipeline_headroom"] == pytest.approx(
+        figures["pipeline_images_per_s"] / figures["images_per_s"])
+    assert figures["seconds_per_iteration_min"] <= figures["seconds_per_iteration"] \
+        <= figures["seconds_per_iteration_max"]
+    assert list(tmp_path.iterdir()) == []  # the generated image files are cleaned up
+    plain = benchmark.format_figures({"a": 1.23456, "b": "CPU"})
+    assert plain == "a: 1.235\nb: CPU"
