@@ -84,6 +84,25 @@ def step_times(gan, cfg, steps, replicas):
     return timed(run, steps), real_a, real_b
 
 
+def step_breakdown(gan, cfg, real_a, real_b, repeats=3):
+    """Median seconds of each part of train_step, timed one part at a time."""
+    fake_b, fake_a = gan.translate(real_a, real_b)
+    ones = tf.ones((real_a.shape[0],) + gan.patch_shape)
+
+    def discriminators():
+        gan.set_discriminators_trainable(True)
+        tu.update_discriminator(gan.d_a, real_a, fake_a, cfg)
+        tu.update_discriminator(gan.d_b, real_b, fake_b, cfg)
+
+    def adversarial():
+        gan.set_discriminators_trainable(False)
+        tu.fit_batch(gan.adversarial, [real_a, real_b], [ones, ones, real_a, real_b, real_a, real_b])
+
+    parts = {"fakes_s": lambda: [t.numpy() for t in gan.translate(real_a, real_b)],
+             "discriminator_updates_s": discriminators, "adversarial_update_s": adversarial}
+    return {name: statistics.median(timed(fn, repeats)) for name, fn in parts.items()}
+
+
 def fake_generation_speedup(gan, real_a, real_b, repeats=10):
     """The compiled translate call against the chapter's two `predict` calls."""
     compiled = lambda: [t.numpy() for t in gan.translate(real_a, real_b)]
@@ -131,6 +150,7 @@ def run_benchmark(cfg, steps, pipeline_images):
     times, real_a, real_b = step_times(gan, cfg, steps, replicas)
     seconds = statistics.median(times)
     gflop = iteration_gflop(gan, cfg) * replicas
+    breakdown = step_breakdown(gan, cfg, real_a, real_b)
     machine = machine_gflop_s()
     images_per_s = 2 * cfg.batch_size * replicas / seconds
     pipeline = pipeline_images_per_s(cfg, pipeline_images, replicas)
@@ -144,6 +164,8 @@ def run_benchmark(cfg, steps, pipeline_images):
         "images_per_s": images_per_s, "gflop_per_iteration": gflop,
         "achieved_gflop_s": gflop / seconds, "machine_gflop_s": machine,
         "utilization": gflop / seconds / machine,
+        **breakdown,
+        "other_s": seconds - sum(breakdown.values()),
         "fake_generation_speedup": fake_generation_speedup(gan, real_a, real_b),
         "pipeline_images": pipeline_images, "pipeline_images_per_s": pipeline,
         "pipeline_headroom": pipeline / images_per_s,

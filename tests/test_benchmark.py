@@ -12,7 +12,8 @@ from test_cli import run_cli
 FIGURES = ("seconds_per_iteration", "seconds_per_iteration_min", "seconds_per_iteration_max",
            "iterations_per_s", "images_per_s", "gflop_per_iteration", "achieved_gflop_s",
            "machine_gflop_s", "utilization", "fake_generation_speedup", "pipeline_images_per_s",
-           "pipeline_headroom", "peak_rss_mb")
+           "pipeline_headroom", "peak_rss_mb", "fakes_s", "discriminator_updates_s",
+           "adversarial_update_s")
 
 
 def test_conv_flops_are_counted_from_kernel_sizes_and_output_shapes():
