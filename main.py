@@ -4,6 +4,7 @@
     python main.py translate --generator G.h5 --input DIR --output DIR
     python main.py evaluate --name monet2photo  # quality numbers on the test split
     python main.py summary --preset paper --image-size 256
+    python main.py benchmark --preset book --image-size 128
 """
 import argparse
 import dataclasses
