@@ -40,3 +40,9 @@ def tiny_dataset(tmp_path):
     for i, (sub, count) in enumerate((("trainA", 5), ("trainB", 3), ("testA", 2), ("testB", 2))):
         write_images(root / sub, count, seed=i)
     return root
+
+
+def tiny_data(folder):
+    """A minimal dataset: 4 A, 3 B, one test image each, 40 px."""
+    for i, (sub, count) in enumerate((("trainA", 4), ("trainB", 3), ("testA", 1), ("testB", 1))):
+        write_images(folder / sub, count, size=40, seed=i)

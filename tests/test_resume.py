@@ -1,0 +1,93 @@
+"""Never lose a run: killed, interrupted and diverging runs, as real processes."""
+import subprocess
+import sys
+
+from PIL import Image
+
+from conftest import tiny_data
+from test_cli import ENV, ROOT, run_cli
+from test_training import read_tensorboard
+
+
+def start_cli(*args, cwd):
+    return subprocess.Popen([sys.executable, str(ROOT / "main.py"), *map(str, args)], cwd=cwd,
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path, process, seconds=300):
+    """Poll until `path` exists (the run reached that point) or the process ends."""
+    import time
+    deadline = time.time() + seconds
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, f"{path} never appeared"
+        time.sleep(0.2)
+
+
+def latest_checkpoint_step(run):
+    import tensorflow as tf
+    latest = tf.train.latest_checkpoint(str(run / "checkpoints"))
+    return int(latest.rsplit("-", 1)[1])
+
+
+def test_killed_run_leaves_loadable_files_resumes_where_it_stopped_and_nan_keeps_them(tmp_path):
+    import hashlib
+    import keras
+    import tensorflow as tf
+    tiny_data(tmp_path / "data")
+    common = ("--data", "data", "--name", "k")
+    process = start_cli(*common, "--image-size", 32, "--epochs", 3, "--checkpoint-every", 2,
+                        "--sample-every", 1, "--save-every", 1, cwd=tmp_path)
+    run = tmp_path / "results" / "k"
+    wait_for(run / "checkpoints" / "ckpt-6.index", process)  # mid epoch 2 of 3 (4 steps each)
+    process.kill()
+    process.wait()
+
+    for model in (run / "models").glob("*.h5"):
+        keras.models.load_model(model, compile=False)
+    for png in (run / "samples").glob("*.png"):
+        Image.open(png).verify()
+    saved_step = latest_checkpoint_step(run)
+    assert saved_step >= 6
+    tf.train.load_checkpoint(tf.train.latest_checkpoint(str(run / "checkpoints")))
+
+    result = run_cli(*common, "--resume", cwd=tmp_path)
+    assert f"Resuming run k at step {saved_step}." in result.stdout
+    assert latest_checkpoint_step(run) == 12
+    assert sorted(p.name for p in (run / "samples").iterdir()) == [
+        "epoch_0001.png", "epoch_0002.png", "epoch_0003.png"]
+    assert len(tu_history(run)) == 3
+    steps = [e.step for e in read_tensorboard(tmp_path / "logs" / "k").Tensors("D_A")]
+    assert max(steps) == 12 and min(steps) == 1  # continues, no restart at 0
+
+    again = run_cli(*common, "--resume", cwd=tmp_path)
+    assert "already finished" in again.stdout
+
+    # Diverging: an absurd learning rate makes a loss NaN; nothing good is overwritten.
+    digest = lambda: {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in (run / "models").iterdir()}
+    before = digest()
+    nan = run_cli(*common, "--resume", "--epochs", 4, "--lr", "1e30", cwd=tmp_path, check=False)
+    assert nan.returncode == 3
+    assert "became nan at step" in nan.stderr and nan.stderr.strip().count("\n") == 0
+    assert digest() == before
+    assert latest_checkpoint_step(run) == 12
+
+
+def tu_history(run):
+    import train_utils
+    return train_utils.LossHistory(run / "losses.csv").read()["epoch"]
+
+
+def test_sigint_saves_a_checkpoint_and_exits_zero(tmp_path):
+    import signal
+    tiny_data(tmp_path / "data")
+    process = start_cli("--data", "data", "--name", "s", "--image-size", 32, "--epochs", 50,
+                        "--checkpoint-every", 3, cwd=tmp_path)
+    run = tmp_path / "results" / "s"
+    wait_for(run / "checkpoints" / "ckpt-3.index", process)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "SIGINT: checkpoint saved at step" in out
+    stopped = int(out.split("checkpoint saved at step ")[1].split(";")[0])
+    assert latest_checkpoint_step(run) == stopped >= 3
