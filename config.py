@@ -36,6 +36,7 @@ class Config:
     padding: str = "zero"            # zero | reflect
     init: str = "glorot"             # glorot | normal (N(0, 0.02))
     upsample: str = "transpose"      # transpose | resize (resize-then-conv)
+    global_skip: bool = False        # output = input + learned change (starts as the identity)
 
     # Discriminator.
     disc: str = "book"               # book (all stride 2) | patch70 (last stride 1)
@@ -110,6 +111,7 @@ FAST = dataclasses.replace(
     res_norm="instance",
     disc_activation="linear",
     upsample="resize",
+    global_skip=True,
 )
 
 PRESETS = {"book": BOOK, "paper": PAPER, "fast": FAST}
@@ -120,7 +122,7 @@ DEMO_DEFAULTS = dict(image_size=32, epochs=4, sample_every=1, save_every=2)
 
 # Settings that shape the networks or the data they see: a resumed run must keep them.
 ARCHITECTURE_FIELDS = ("image_size", "filters", "res_blocks", "norm", "res_norm", "norm_affine",
-                       "padding", "upsample", "disc", "disc_activation", "pool_size", "batch_size")
+                       "padding", "upsample", "global_skip", "disc", "disc_activation", "pool_size", "batch_size")
 
 CHOICES = {
     "norm": ("instance", "batch"),

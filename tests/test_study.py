@@ -11,8 +11,9 @@ def test_fast_preset_changes_only_what_the_study_found_and_book_stays_the_defaul
     fast, book = config.make_config("fast"), config.make_config()
     assert book == config.BOOK and book.preset == "book"
     changed = {f for f in config.Config.__dataclass_fields__ if getattr(fast, f) != getattr(book, f)}
-    assert changed == {"preset", "res_norm", "disc_activation", "upsample"}
+    assert changed == {"preset", "res_norm", "disc_activation", "upsample", "global_skip"}
     assert (fast.res_norm, fast.disc_activation, fast.upsample) == ("instance", "linear", "resize")
+    assert fast.global_skip
 
 
 def test_every_variant_is_a_valid_config_and_one_change_from_book():
