@@ -60,7 +60,8 @@ def add_evaluate_flags(parser):
 
 def add_study_flags(parser):
     # Defaults live in study.py, imported only once TensorFlow is (quietly).
-    parser.add_argument("--datasets", nargs="+", help="datasets with a paired truth (default: demo photos)")
+    parser.add_argument("--datasets", nargs="+",
+                        help="datasets with a paired truth (default: demo photos)")
     parser.add_argument("--variants", nargs="+", help="variants to train (default: all; see README)")
     parser.add_argument("--steps", type=int, help="training steps per variant (default: 160)")
     parser.add_argument("--image-size", type=int, default=32)
@@ -80,7 +81,8 @@ def build_parser():
     summary = commands.add_parser("summary", help="print the models' sizes and outputs")
     summary.add_argument("--preset", default="book", choices=tuple(config.PRESETS))
     summary.add_argument("--image-size", type=int, default=None)
-    add_study_flags(commands.add_parser("study", help="compare settings by how much a short run beats doing nothing"))
+    add_study_flags(commands.add_parser(
+        "study", help="compare settings by how much a short run beats doing nothing"))
     for sub in commands.choices.values():
         sub.error = parser.error
     return parser
@@ -348,7 +350,8 @@ def study(args):
     steps = study_module.DEFAULT_STEPS if args.steps is None else args.steps
     if steps < 2:
         raise CliError(f"--steps must be at least 2, got {steps}")
-    study_module.run_study(args.datasets or study_module.DATASETS, args.variants or tuple(study_module.VARIANTS),
+    study_module.run_study(args.datasets or study_module.DATASETS,
+                           args.variants or tuple(study_module.VARIANTS),
                            args.image_size, steps, args.seed)
 
 

@@ -61,12 +61,13 @@ def in_training_mode(model):
     return run
 
 
-def test_split(root):
+def paired_test_split(root):
     """(testA files, testB files, testA truth files) of a dataset with a paired truth."""
     files_a, files_b = (data.domain_files(root, "test", d) for d in "AB")
     truth = metrics.truth_files(files_a)
     if truth is None:
-        raise data.DataError(f"the study needs a dataset with a paired truth; {root} has no testA_truth/")
+        raise data.DataError(f"the study needs a dataset with a paired truth; "
+                             f"{root} has no testA_truth/")
     return files_a, files_b, truth
 
 
@@ -89,7 +90,7 @@ def run_variant(name, root, image_size, steps, seed):
     files_a, files_b = (data.domain_files(root, "train", d) for d in "AB")
     gan, pools, batches = tu.start_run(cfg, files_a, files_b)
     seconds = train_steps(gan, pools, batches, cfg, steps)
-    return {**score(gan, test_split(root), image_size), "s_per_step": seconds}
+    return {**score(gan, paired_test_split(root), image_size), "s_per_step": seconds}
 
 
 def format_row(dataset, name, row):
@@ -108,7 +109,7 @@ def run_study(datasets=DATASETS, variants=tuple(VARIANTS), image_size=32, steps=
         variant_config(name, image_size, seed)  # a typo fails before any training
     roots = {d: data.resolve_dataset(d, datasets_dir) for d in datasets}
     for root in roots.values():
-        test_split(root)  # a dataset without a truth fails before any training
+        paired_test_split(root)  # a dataset without a truth fails before any training
     print(f"Study: {len(variants)} variant(s) x {len(datasets)} dataset(s), {steps} steps each at "
           f"{image_size} px, seed {seed}. gain = PSNR of G_AB(A) minus PSNR of A itself against "
           "the truth (positive: better than doing nothing); train-mode = the same with BatchNorm "

@@ -31,7 +31,8 @@ def test_unknown_variant_or_a_dataset_without_truth_fails_before_training(tiny_d
 
 
 def test_study_command_prints_a_row_per_variant_with_its_numbers(tmp_path):
-    result = run_cli("study", "--datasets", "demo", "--variants", "book", "fast", "--steps", 2, cwd=tmp_path)
+    result = run_cli("study", "--datasets", "demo", "--variants", "book", "fast", "--steps", 2,
+                     cwd=tmp_path)
     number = r"\s+[+-]?\d+\.\d+"
     rows = [line for line in result.stdout.splitlines()
             if re.match(rf"demo\s+(book|fast){number * 4}$", line)]
