@@ -4,7 +4,7 @@
     python main.py translate --generator G.h5 --input DIR --output DIR
     python main.py evaluate --name monet2photo  # quality numbers on the test split
     python main.py summary --preset paper --image-size 256
-    python main.py study --steps 200           # which settings beat doing nothing
+    python main.py study                       # which settings beat doing nothing, soonest
 """
 import argparse
 import dataclasses

@@ -35,7 +35,7 @@ DEFAULT_STEPS = 160
 
 
 def variant_config(name, image_size, seed):
-    """The Config of one variant; the learning rate stays constant in a study."""
+    """The Config of one variant at the study's image size and seed."""
     if name not in VARIANTS:
         raise config.UserError(f"unknown study variant {name!r}; choose from {', '.join(VARIANTS)}")
     preset, overrides = VARIANTS[name]
@@ -43,7 +43,10 @@ def variant_config(name, image_size, seed):
 
 
 def train_steps(gan, pools, batches, cfg, steps):
-    """Train `steps` steps; returns seconds per step after the first (which traces)."""
+    """Train `steps` steps; returns seconds per step after the first (which traces).
+
+    The learning rate stays cfg.lr: a study run is far shorter than any decay schedule.
+    """
     tu.check_finite(tu.train_step(gan, *next(batches), pools, cfg), 1)
     start = time.perf_counter()
     for step in range(2, steps + 1):
