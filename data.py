@@ -38,12 +38,14 @@ def resolve_dataset(data, datasets_dir="datasets"):
     """Path of the dataset folder for `--data`: a path, `demo`, or an official name."""
     if data == "demo":
         return make_demo_dataset(Path(datasets_dir) / "demo")
+    if data == "photos":
+        return make_photo_dataset(Path(datasets_dir) / "photos")
     if data in OFFICIAL_DATASETS:
         folder = Path(datasets_dir) / data
         return folder if folder.is_dir() else download_official(data, datasets_dir)
     folder = Path(data)
     if not folder.is_dir():
-        raise DataError(f"--data {data!r} is neither a folder nor one of: demo, "
+        raise DataError(f"--data {data!r} is neither a folder nor one of: demo, photos, "
                         + ", ".join(OFFICIAL_DATASETS))
     return folder
 
@@ -217,6 +219,84 @@ def make_demo_dataset(folder):
             write_png(staging / f"{split}B" / name, demo_translation(demo_scene(rng)))
             if split == "test":
                 write_png(staging / "testA_truth" / name, demo_translation(scene_a))
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(staging, folder)
+    return folder
+
+
+# --- Real photographs with a known translation --------------------------
+
+# scikit-image's bundled colour photographs (no download); the last two are the test split.
+PHOTO_NAMES = ("astronaut", "rocket", "stereo_motorcycle", "hubble_deep_field",
+               "immunohistochemistry", "chelsea", "coffee")
+PHOTO_TEST_COUNT = 2
+PHOTO_PATCH = 64              # pixels of each patch, cut from the photo at half size
+PHOTO_PATCHES = {"train": 64, "test": 24}   # per source photo, half to A, half to B
+
+
+def photo_grading(image):
+    """The photo dataset's known A->B mapping: a warm, faded film grade (uint8 in, uint8 out).
+
+    A channel mix that warms highlights and tints shadows blue, then lifted
+    blacks and a gamma: strong enough that doing nothing scores poorly.
+    """
+    x = image.astype(np.float32) / 255.0
+    mix = np.array([[0.95, 0.30, 0.00], [0.10, 0.80, 0.10], [0.05, 0.15, 0.55]], np.float32)
+    x = np.clip(x @ mix.T + np.array([0.02, 0.02, 0.15], np.float32), 0.0, 1.0) ** 0.75
+    return np.round(x * 255.0).astype(np.uint8)
+
+
+def skimage_photos():
+    """{name: uint8 HxWx3} of PHOTO_NAMES, read from the installed scikit-image."""
+    try:
+        import skimage.data
+    except ImportError:
+        raise DataError("--data photos needs scikit-image (a development-only dependency): "
+                        "pip install scikit-image") from None
+    photos = {}
+    for name in PHOTO_NAMES:
+        image = getattr(skimage.data, name)()
+        photos[name] = image[0] if isinstance(image, tuple) else image  # stereo: left view
+    return photos
+
+
+def photo_patches(image, count, rng):
+    """`count` random PHOTO_PATCH-pixel squares of `image` taken at half resolution."""
+    half = np.asarray(tf.image.resize(image, (image.shape[0] // 2, image.shape[1] // 2),
+                                      antialias=True)).round().astype(np.uint8)
+    ys = rng.integers(0, half.shape[0] - PHOTO_PATCH + 1, count)
+    xs = rng.integers(0, half.shape[1] - PHOTO_PATCH + 1, count)
+    return [half[y:y + PHOTO_PATCH, x:x + PHOTO_PATCH] for y, x in zip(ys, xs)]
+
+
+def make_photo_dataset(folder, photos=None):
+    """Write (once) patches of real photographs with photo_grading as the A->B truth.
+
+    Train and test come from different photos; within a split, B holds
+    the grading of other patches than A (unpaired), and testA_truth/ the
+    grading of each testA patch. `photos` ({name: image}) defaults to
+    scikit-image's, in PHOTO_NAMES order; the last PHOTO_TEST_COUNT are test.
+    """
+    folder = Path(folder)
+    if (folder / "testA_truth").is_dir():
+        return folder
+    photos = skimage_photos() if photos is None else photos
+    names = list(photos)
+    splits = {"train": names[:-PHOTO_TEST_COUNT], "test": names[-PHOTO_TEST_COUNT:]}
+    staging = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    rng = np.random.default_rng(1234)
+    for split, split_names in splits.items():
+        for sub in ("A", "B") + (("A_truth",) if split == "test" else ()):
+            (staging / f"{split}{sub}").mkdir(parents=True)
+        for name in split_names:
+            patches = photo_patches(photos[name], PHOTO_PATCHES[split], rng)
+            for i, (patch_a, patch_b) in enumerate(zip(patches[::2], patches[1::2])):
+                file = f"{name}_{i:03d}.png"
+                write_png(staging / f"{split}A" / file, patch_a)
+                write_png(staging / f"{split}B" / file, photo_grading(patch_b))
+                if split == "test":
+                    write_png(staging / "testA_truth" / file, photo_grading(patch_a))
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(staging, folder)
     return folder

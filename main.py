@@ -5,6 +5,7 @@
     python main.py evaluate --name monet2photo  # quality numbers on the test split
     python main.py summary --preset paper --image-size 256
     python main.py benchmark --preset book --image-size 128
+    python main.py study                       # which settings beat doing nothing, soonest
 """
 import argparse
 import dataclasses
@@ -19,7 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import config  # noqa: E402
 
-COMMANDS = ("train", "translate", "evaluate", "summary", "benchmark")
+COMMANDS = ("train", "translate", "evaluate", "summary", "benchmark", "study")
 SAMPLE_COUNT = 3
 
 
@@ -54,6 +55,16 @@ def add_evaluate_flags(parser):
     parser.add_argument("--inception-weights", help="a local InceptionV3 (no top) weights file")
 
 
+def add_study_flags(parser):
+    # Defaults live in study.py, imported only once TensorFlow is (quietly).
+    parser.add_argument("--datasets", nargs="+",
+                        help="datasets with a paired truth (default: demo photos)")
+    parser.add_argument("--variants", nargs="+", help="variants to train (default: all; see README)")
+    parser.add_argument("--steps", type=int, help="training steps per variant (default: 160)")
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+
+
 def build_parser():
     parser = Parser(prog="main.py", description=__doc__,
                     formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -77,6 +88,8 @@ def build_parser():
     summary = commands.add_parser("summary", help="print the models' sizes and outputs")
     summary.add_argument("--preset", default="book", choices=tuple(config.PRESETS))
     summary.add_argument("--image-size", type=int, default=None)
+    add_study_flags(commands.add_parser(
+        "study", help="compare settings by how much a short run beats doing nothing"))
     for sub in commands.choices.values():
         sub.error = parser.error
     return parser
@@ -174,7 +187,6 @@ def train(cfg, resume=False, overwrite=False):
     import keras
     import data
     import metrics
-    import models
     import train_utils as tu
 
     if cfg.data == "demo":
@@ -190,13 +202,10 @@ def train(cfg, resume=False, overwrite=False):
     show_b = data.load_batch(fixed_b[:SAMPLE_COUNT], cfg.image_size)
     probe = metrics.probe_set(fixed_a, fixed_b, cfg.image_size)
 
-    keras.utils.set_random_seed(cfg.seed)
     strategy = tu.make_strategy(cfg.strategy)
     replicas = strategy.num_replicas_in_sync
+    gan, pools, batches = tu.start_run(cfg, files_a, files_b, strategy)
     with strategy.scope():
-        gan = models.build_cyclegan(cfg)
-        pools = (tu.ImagePool(cfg.pool_size, cfg.seed), tu.ImagePool(cfg.pool_size, cfg.seed + 1))
-        batches = iter(data.train_dataset(files_a, files_b, cfg, replicas))
         checkpoint = tu.RunCheckpoint(gan, pools, batches, paths["checkpoints"], cfg.image_size)
     steps = data.steps_per_epoch(files_a, files_b, cfg, replicas)
     total_steps = steps * cfg.total_epochs
@@ -358,6 +367,18 @@ def summary(preset, image_size):
         print(f"adversarial output {name}: loss={loss} weight={weight:g}")
 
 
+# --- study -----------------------------------------------------------------
+
+def study(args):
+    import study as study_module
+    steps = study_module.DEFAULT_STEPS if args.steps is None else args.steps
+    if steps < 2:
+        raise CliError(f"--steps must be at least 2, got {steps}")
+    study_module.run_study(args.datasets or study_module.DATASETS,
+                           args.variants or tuple(study_module.VARIANTS),
+                           args.image_size, steps, args.seed)
+
+
 def main(argv=None):
     try:
         args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -370,6 +391,8 @@ def main(argv=None):
             benchmark(args)
         elif args.command == "summary":
             summary(args.preset, args.image_size)
+        elif args.command == "study":
+            study(args)
         else:
             train(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
     except config.UserError as error:

@@ -35,7 +35,7 @@ def norm_layer(kind, cfg):
         groups=-1, epsilon=1e-5, center=cfg.norm_affine, scale=cfg.norm_affine)
 
 
-def conv(x, filters, kernel, strides, cfg, use_bias=True):
+def conv(x, filters, kernel, strides, cfg, use_bias=True, initializer=None):
     """A conv that keeps 'same' geometry with zero or reflection padding."""
     if cfg.padding == "reflect" and strides == 1 and kernel > 1:
         x = ReflectionPadding2D(kernel // 2)(x)
@@ -43,7 +43,7 @@ def conv(x, filters, kernel, strides, cfg, use_bias=True):
     else:
         padding = "same"
     return layers.Conv2D(filters, kernel, strides, padding=padding, use_bias=use_bias,
-                         kernel_initializer=kernel_init(cfg))(x)
+                         kernel_initializer=initializer or kernel_init(cfg))(x)
 
 
 def conv_norm_relu(x, filters, kernel, strides, cfg):
@@ -90,9 +90,21 @@ def build_generator(cfg, name="generator"):
         x = residual_block(x, cfg)
     x = upsample_block(x, 2 * f, cfg)
     x = upsample_block(x, f, cfg)
-    x = conv(x, 3, 7, 1, cfg)
-    outputs = layers.Activation("tanh", dtype="float32")(x)  # float32 out under mixed precision
+    if cfg.global_skip:
+        outputs = change_of_input(inputs, x, cfg)
+    else:  # float32 out under mixed precision
+        outputs = layers.Activation("tanh", dtype="float32")(conv(x, 3, 7, 1, cfg))
     return keras.Model(inputs, outputs, name=name)
+
+
+def change_of_input(inputs, x, cfg):
+    """Output = input + a learned change, clipped to [-1, 1].
+
+    The change's conv starts at zero, so an untrained generator is the
+    identity: training starts from doing nothing instead of from noise.
+    """
+    change = layers.Activation("tanh")(conv(x, 3, 7, 1, cfg, initializer="zeros"))
+    return layers.Activation("hard_tanh", dtype="float32")(layers.Add()([inputs, change]))
 
 
 def disc_strides(cfg):

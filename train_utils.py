@@ -10,9 +10,12 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import data  # noqa: E402
+import models  # noqa: E402
 from config import UserError  # noqa: E402
 from data import atomic_path  # noqa: E402
 from models import OUTPUT_NAMES  # noqa: E402
@@ -51,6 +54,17 @@ class ImagePool:
             else:
                 out.append(image)
         return np.stack(out)
+
+
+def start_run(cfg, files_a, files_b, strategy=None):
+    """A freshly seeded CycleGAN (in the strategy's scope), its two image pools
+    and its endless batches, global ones under several replicas."""
+    strategy = strategy or tf.distribute.get_strategy()
+    keras.utils.set_random_seed(cfg.seed)
+    with strategy.scope():
+        gan = models.build_cyclegan(cfg)
+    pools = (ImagePool(cfg.pool_size, cfg.seed), ImagePool(cfg.pool_size, cfg.seed + 1))
+    return gan, pools, iter(data.train_dataset(files_a, files_b, cfg, strategy.num_replicas_in_sync))
 
 
 def learning_rate(epoch, cfg):

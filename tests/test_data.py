@@ -1,3 +1,5 @@
+import sys
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -93,6 +95,50 @@ def test_demo_dataset_is_deterministic_with_a_known_truth(tmp_path):
     truth = np.asarray(Image.open(first / "testA_truth" / "0000.png"))
     np.testing.assert_array_equal(truth, data.demo_translation(a))
     assert not (tmp_path / "one.partial").exists()
+
+
+def stand_in_photos():
+    """Three small 'photos' of distinct flat colours, so a patch tells its source."""
+    return {name: np.full((200, 240, 3), level, np.uint8)
+            for name, level in (("one", 30), ("two", 120), ("three", 210))}
+
+
+def pixel_levels(folder):
+    return {int(np.asarray(Image.open(p))[0, 0, 0]) for p in folder.iterdir()}
+
+
+def test_photo_dataset_splits_by_photo_with_graded_truth(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "PHOTO_TEST_COUNT", 1)
+    root = data.make_photo_dataset(tmp_path / "photos", stand_in_photos())
+    names = {sub: sorted(p.name for p in (root / sub).iterdir())
+             for sub in ("trainA", "trainB", "testA", "testB", "testA_truth")}
+    assert len(names["trainA"]) == len(names["trainB"]) == 2 * data.PHOTO_PATCHES["train"] // 2
+    assert names["testA"] == names["testA_truth"] and names["testA"]
+    train_sources = {n.split("_")[0] for n in names["trainA"] + names["trainB"]}
+    test_sources = {n.split("_")[0] for n in names["testA"] + names["testB"]}
+    assert train_sources == {"one", "two"} and test_sources == {"three"}
+    assert pixel_levels(root / "trainA") == {30, 120} and pixel_levels(root / "testA") == {210}
+    for name in names["testA"]:
+        a = np.asarray(Image.open(root / "testA" / name))
+        assert a.shape == (data.PHOTO_PATCH, data.PHOTO_PATCH, 3)
+        np.testing.assert_array_equal(np.asarray(Image.open(root / "testA_truth" / name)),
+                                      data.photo_grading(a))
+    graded = data.photo_grading(np.full((1, 1, 3), 210, np.uint8))
+    assert pixel_levels(root / "testB") == {int(graded[0, 0, 0])}  # B is graded, not raw
+    assert not (tmp_path / "photos.partial").exists()
+
+
+def test_photo_grading_is_a_real_change_of_colour():
+    image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+    graded = data.photo_grading(image)
+    assert graded.dtype == np.uint8 and graded.shape == image.shape
+    assert np.abs(graded.astype(int) - image).mean() > 20
+
+
+def test_photos_without_scikit_image_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "skimage", None)  # import skimage now fails
+    with pytest.raises(data.DataError, match="needs scikit-image"):
+        data.resolve_dataset("photos", tmp_path)
 
 
 def test_bad_dataset_paths_are_one_line_errors(tmp_path, tiny_dataset):

@@ -26,6 +26,15 @@ def test_generator_takes_any_size_divisible_by_4():
     assert g(np.zeros((1, 200, 300, 3), np.float32)).shape == (1, 200, 300, 3)
 
 
+def test_global_skip_generator_starts_as_the_identity_and_reloads_in_plain_keras(tmp_path):
+    g = models.build_generator(build(image_size=32, global_skip=True))
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(g(x, training=False), x, atol=1e-6)
+    g.save(tmp_path / "g.h5")
+    reloaded = keras.models.load_model(tmp_path / "g.h5", compile=False)
+    assert reloaded(2 * x, training=False).numpy().max() <= 1.0  # clipped to the image range
+
+
 def test_book_parameter_counts():
     cfg = build(image_size=128)
     # Generator, from the chapter's tables (IN = scale + offset per channel):

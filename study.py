@@ -1,0 +1,141 @@
+"""The study: which settings let a short run beat doing nothing.
+
+Each variant is the book preset with one setting changed (or a whole
+preset), trained for the same number of steps with the same seed on a
+dataset with a paired truth, then scored as `evaluate` scores a run:
+the PSNR gain of G_AB(A) over A itself against the truth, cycle L1,
+and seconds per training step.
+"""
+import time
+
+import tensorflow as tf
+
+import config
+import data
+import metrics
+import train_utils as tu
+
+# name -> (preset, overrides); a name says what differs from the book preset.
+VARIANTS = {
+    "book": ("book", {}),
+    "res-norm=instance": ("book", {"res_norm": "instance"}),
+    "disc-activation=linear": ("book", {"disc_activation": "linear"}),
+    "lambda-identity=0": ("book", {"lambda_identity": 0.0}),
+    "lambda-identity=5": ("book", {"lambda_identity": 5.0}),
+    "upsample=resize": ("book", {"upsample": "resize"}),
+    "global-skip": ("book", {"global_skip": True}),
+    "pool-size=50": ("book", {"pool_size": 50}),
+    "d-update=joint": ("book", {"d_update": "joint"}),
+    "lr=1e-3": ("book", {"lr": 1e-3}),
+    "paper": ("paper", {}),
+    "fast": ("fast", {}),
+}
+DATASETS = ("demo", "photos")
+DEFAULT_STEPS = 160
+
+
+def variant_config(name, image_size, seed):
+    """The Config of one variant at the study's image size and seed."""
+    if name not in VARIANTS:
+        raise config.UserError(f"unknown study variant {name!r}; choose from {', '.join(VARIANTS)}")
+    preset, overrides = VARIANTS[name]
+    return config.make_config(preset, image_size=image_size, seed=seed, **overrides)
+
+
+def train_steps(gan, pools, batches, cfg, steps):
+    """Train `steps` steps; returns seconds per step after the first (which traces).
+
+    The learning rate stays cfg.lr: a study run is far shorter than any decay schedule.
+    """
+    tu.check_finite(tu.train_step(gan, *next(batches), pools, cfg), 1)
+    start = time.perf_counter()
+    for step in range(2, steps + 1):
+        tu.check_finite(tu.train_step(gan, *next(batches), pools, cfg), step)
+    return (time.perf_counter() - start) / max(1, steps - 1)
+
+
+def in_training_mode(model):
+    """The model with BatchNorm using per-image statistics, as it saw them in training.
+
+    Called last: Keras updates BatchNorm's moving statistics in this mode.
+    """
+    def run(x, training=False):
+        return tf.concat([model(x[i:i + 1], training=True) for i in range(len(x))], 0)
+    return run
+
+
+def paired_test_split(root):
+    """(testA files, testB files, testA truth files) of a dataset with a paired truth."""
+    files_a, files_b = (data.domain_files(root, "test", d) for d in "AB")
+    truth = metrics.truth_files(files_a)
+    if truth is None:
+        raise data.DataError(f"the study needs a dataset with a paired truth; "
+                             f"{root} has no testA_truth/")
+    return files_a, files_b, truth
+
+
+def score(gan, split, image_size):
+    """Gain over doing nothing (inference and training mode) and cycle L1 on the test split."""
+    files_a, files_b, truth = split
+    scores = metrics.image_scores(gan.g_ab, gan.g_ba, metrics.file_batches(files_a, image_size, truth),
+                                  metrics.file_batches(files_b, image_size))
+    train_mode = metrics.image_scores(in_training_mode(gan.g_ab), in_training_mode(gan.g_ba),
+                                      metrics.file_batches(files_a, image_size, truth), [])
+    return {"gain_dB": scores["truth_PSNR"] - scores["baseline_PSNR"],
+            "train_mode_gain_dB": train_mode["truth_PSNR"] - train_mode["baseline_PSNR"],
+            "cycle_L1": (scores["cycle_L1_A"] + scores["cycle_L1_B"]) / 2,
+            "baseline_PSNR": scores["baseline_PSNR"]}
+
+
+def run_variant(name, root, image_size, steps, seed):
+    """Train one variant from scratch on `root` and score it on its test split."""
+    cfg = variant_config(name, image_size, seed)
+    files_a, files_b = (data.domain_files(root, "train", d) for d in "AB")
+    gan, pools, batches = tu.start_run(cfg, files_a, files_b)
+    seconds = train_steps(gan, pools, batches, cfg, steps)
+    return {**score(gan, paired_test_split(root), image_size), "s_per_step": seconds}
+
+
+def format_row(dataset, name, row):
+    return (f"{dataset:<8} {name:<24} {row['gain_dB']:>+8.2f} {row['train_mode_gain_dB']:>+10.2f} "
+            f"{row['cycle_L1']:>8.3f} {row['s_per_step']:>7.3f}")
+
+
+HEADER = (f"{'dataset':<8} {'variant':<24} {'gain dB':>8} {'train-mode':>10} "
+          f"{'cycle L1':>8} {'s/step':>7}")
+
+
+def run_study(datasets=DATASETS, variants=tuple(VARIANTS), image_size=32, steps=DEFAULT_STEPS, seed=0,
+              datasets_dir="datasets"):
+    """Every variant on every dataset, a row printed as each finishes; returns the rows."""
+    for name in variants:
+        variant_config(name, image_size, seed)  # a typo fails before any training
+    roots = {d: data.resolve_dataset(d, datasets_dir) for d in datasets}
+    for root in roots.values():
+        paired_test_split(root)  # a dataset without a truth fails before any training
+    print(f"Study: {len(variants)} variant(s) x {len(datasets)} dataset(s), {steps} steps each at "
+          f"{image_size} px, seed {seed}. gain = PSNR of G_AB(A) minus PSNR of A itself against "
+          "the truth (positive: better than doing nothing); train-mode = the same with BatchNorm "
+          "in training mode.", flush=True)
+    print(HEADER, flush=True)
+    rows = []
+    # Variant by variant, so a study stopped early still compares both datasets.
+    for name in variants:
+        for dataset, root in roots.items():
+            row = run_variant(name, root, image_size, steps, seed)
+            rows.append((dataset, name, row))
+            print(format_row(dataset, name, row), flush=True)
+    print_summary(rows)
+    return rows
+
+
+def print_summary(rows):
+    """The whole table again, dataset by dataset, with each dataset's do-nothing PSNR."""
+    datasets = list(dict.fromkeys(d for d, _, _ in rows))
+    print("\n" + HEADER)
+    for dataset in datasets:
+        for name, row in ((n, r) for d, n, r in rows if d == dataset):
+            print(format_row(dataset, name, row))
+    for dataset in datasets:
+        baseline = next(r["baseline_PSNR"] for d, _, r in rows if d == dataset)
+        print(f"{dataset}: doing nothing scores {baseline:.2f} dB PSNR against the truth")
