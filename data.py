@@ -203,22 +203,35 @@ def make_demo_dataset(folder):
     the training data is unpaired; testA_truth/ holds the translation of
     each testA image.
     """
+    def items():
+        rng = np.random.default_rng(1234)
+        for split, count in DEMO_COUNTS.items():
+            for i in range(count):
+                scene_a = demo_scene(rng)
+                scene_b = demo_translation(demo_scene(rng))
+                truth = demo_translation(scene_a) if split == "test" else None
+                yield split, f"{i:04d}.png", scene_a, scene_b, truth
+    return write_paired_dataset(folder, items())
+
+
+def write_paired_dataset(folder, items):
+    """Write a generated dataset once, staged and moved into place only when complete.
+
+    `items` yields (split, file name, image A, image B, truth of A or None),
+    uint8 images; it is not consumed at all when the dataset already exists.
+    """
     folder = Path(folder)
     if (folder / "testA_truth").is_dir():
         return folder
     staging = folder.with_name(folder.name + ".partial")
     shutil.rmtree(staging, ignore_errors=True)
-    rng = np.random.default_rng(1234)
-    for split, count in DEMO_COUNTS.items():
-        for sub in ("A", "B") + (("A_truth",) if split == "test" else ()):
-            (staging / f"{split}{sub}").mkdir(parents=True)
-        for i in range(count):
-            name = f"{i:04d}.png"
-            scene_a = demo_scene(rng)
-            write_png(staging / f"{split}A" / name, scene_a)
-            write_png(staging / f"{split}B" / name, demo_translation(demo_scene(rng)))
-            if split == "test":
-                write_png(staging / "testA_truth" / name, demo_translation(scene_a))
+    for sub in ("trainA", "trainB", "testA", "testB", "testA_truth"):
+        (staging / sub).mkdir(parents=True)
+    for split, name, image_a, image_b, truth in items:
+        write_png(staging / f"{split}A" / name, image_a)
+        write_png(staging / f"{split}B" / name, image_b)
+        if truth is not None:
+            write_png(staging / "testA_truth" / name, truth)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(staging, folder)
     return folder
@@ -277,29 +290,18 @@ def make_photo_dataset(folder, photos=None):
     grading of each testA patch. `photos` ({name: image}) defaults to
     scikit-image's, in PHOTO_NAMES order; the last PHOTO_TEST_COUNT are test.
     """
-    folder = Path(folder)
-    if (folder / "testA_truth").is_dir():
-        return folder
-    photos = skimage_photos() if photos is None else photos
-    names = list(photos)
-    splits = {"train": names[:-PHOTO_TEST_COUNT], "test": names[-PHOTO_TEST_COUNT:]}
-    staging = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    rng = np.random.default_rng(1234)
-    for split, split_names in splits.items():
-        for sub in ("A", "B") + (("A_truth",) if split == "test" else ()):
-            (staging / f"{split}{sub}").mkdir(parents=True)
-        for name in split_names:
-            patches = photo_patches(photos[name], PHOTO_PATCHES[split], rng)
-            for i, (patch_a, patch_b) in enumerate(zip(patches[::2], patches[1::2])):
-                file = f"{name}_{i:03d}.png"
-                write_png(staging / f"{split}A" / file, patch_a)
-                write_png(staging / f"{split}B" / file, photo_grading(patch_b))
-                if split == "test":
-                    write_png(staging / "testA_truth" / file, photo_grading(patch_a))
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(staging, folder)
-    return folder
+    def items():
+        images = skimage_photos() if photos is None else photos
+        names = list(images)
+        splits = {"train": names[:-PHOTO_TEST_COUNT], "test": names[-PHOTO_TEST_COUNT:]}
+        rng = np.random.default_rng(1234)
+        for split, split_names in splits.items():
+            for name in split_names:
+                patches = photo_patches(images[name], PHOTO_PATCHES[split], rng)
+                for i, (patch_a, patch_b) in enumerate(zip(patches[::2], patches[1::2])):
+                    truth = photo_grading(patch_a) if split == "test" else None
+                    yield split, f"{name}_{i:03d}.png", patch_a, photo_grading(patch_b), truth
+    return write_paired_dataset(folder, items())
 
 
 def write_png(path, image):
