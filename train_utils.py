@@ -106,13 +106,16 @@ def fit_batch(model, x, y):
     (gradients are then all-reduced, as in `fit`).
     """
     strategy = model.distribute_strategy
+    if model.train_function is None:
+        # Create loss trackers and optimizer slots before the step is traced.
+        # Keras would create them while tracing, which makes TensorFlow trace
+        # the step a second time (half of a run's start-up, measured); under
+        # several replicas they cannot be created in the replicated step at all.
+        with strategy.scope():
+            model._symbolic_build(data_batch=(x, y, None))
     if strategy.num_replicas_in_sync == 1:
         logs = model.train_on_batch(x, y, return_dict=True)
     else:
-        # What train_on_batch does first: create loss trackers and optimizer
-        # slots outside the replicated step, where variables cannot be made.
-        with strategy.scope():
-            model._symbolic_build(data_batch=(x, y, None))
         model.make_train_function()
         model.reset_metrics()  # as train_on_batch: losses of this batch only
         shards = tf.nest.map_structure(lambda t: split_across_replicas(strategy, t), (x, y))
