@@ -119,6 +119,7 @@ def run_study(datasets=DATASETS, variants=tuple(VARIANTS), image_size=32, steps=
           "in training mode.", flush=True)
     print(HEADER, flush=True)
     rows = []
+    start = time.perf_counter()
     # Variant by variant, so a study stopped early still compares both datasets.
     for name in variants:
         for dataset, root in roots.items():
@@ -126,6 +127,7 @@ def run_study(datasets=DATASETS, variants=tuple(VARIANTS), image_size=32, steps=
             rows.append((dataset, name, row))
             print(format_row(dataset, name, row), flush=True)
     print_summary(rows)
+    print(f"{len(rows)} run(s) in {(time.perf_counter() - start) / 60:.1f} minutes")
     return rows
 
 

@@ -11,9 +11,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+# Modules that each spend minutes in training subprocesses, slowest first.
+SLOW_MODULES = ("test_resume.py", "test_distribute.py", "test_cli.py")
+
+
 def pytest_configure(config):
     # Keras's own numpy-2 deprecation notice, raised inside keras, hundreds of times.
     config.addinivalue_line("filterwarnings", "ignore:__array__ implementation:DeprecationWarning")
+    # Under pytest-xdist --dist loadfile, hand out modules in collection order
+    # (slowest first, below) rather than by test count, which would leave the
+    # two slowest modules, with two tests each, for last.
+    config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items):
+    slow_first = {name: i for i, name in enumerate(SLOW_MODULES)}
+    items.sort(key=lambda item: slow_first.get(item.path.name, len(SLOW_MODULES)))
 
 
 def write_images(folder, count, size=40, seed=0, colour=None):

@@ -6,9 +6,12 @@ import sys
 from conftest import ROOT, tiny_data
 from test_cli import run_cli
 
+import main
 
-def test_summary_of_the_paper_preset_matches_the_official_implementation(tmp_path):
-    out = run_cli("summary", "--preset", "paper", "--image-size", 256, cwd=tmp_path).stdout
+
+def test_summary_of_the_paper_preset_matches_the_official_implementation(capsys):
+    assert main.main(["summary", "--preset", "paper", "--image-size", "256"]) == 0
+    out = capsys.readouterr().out
     for model in ("generator_AtoB", "generator_BtoA"):
         assert f"{model} params=11378179" in out
     for model in ("discriminator_A", "discriminator_B"):
