@@ -63,8 +63,13 @@ def start_run(cfg, files_a, files_b, strategy=None):
     keras.utils.set_random_seed(cfg.seed)
     with strategy.scope():
         gan = models.build_cyclegan(cfg)
+    return (gan,) + start_data(cfg, files_a, files_b, strategy.num_replicas_in_sync)
+
+
+def start_data(cfg, files_a, files_b, replicas=1):
+    """Two empty image pools and endless batches, from the start of cfg.seed's order."""
     pools = (ImagePool(cfg.pool_size, cfg.seed), ImagePool(cfg.pool_size, cfg.seed + 1))
-    return gan, pools, iter(data.train_dataset(files_a, files_b, cfg, strategy.num_replicas_in_sync))
+    return pools, iter(data.train_dataset(files_a, files_b, cfg, replicas))
 
 
 def learning_rate(epoch, cfg):

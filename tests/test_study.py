@@ -1,9 +1,12 @@
 import re
 
+import numpy as np
 import pytest
 
 import config
+import data
 import study
+import train_utils as tu
 from test_cli import one_line_error, run_cli
 
 
@@ -30,17 +33,41 @@ def test_unknown_variant_or_a_dataset_without_truth_fails_before_training(tiny_d
         study.run_study([str(tiny_dataset)], ["book"])
 
 
-def test_study_command_prints_a_row_per_variant_with_its_numbers(tmp_path):
-    result = run_cli("study", "--datasets", "demo", "--variants", "fast", "--steps", 2,
-                     cwd=tmp_path)
-    number = r"\s+[+-]?\d+\.\d+"
-    rows = [line for line in result.stdout.splitlines()
-            if re.match(rf"demo\s+fast{number * 4}$", line)]
-    assert len(rows) == 2  # as it goes, then in the table
+def test_study_command_prints_a_row_per_variant_and_dataset_with_its_numbers(tmp_path):
+    # The demo twice, by name and by path: the second run restores the first's starting point.
+    result = run_cli("study", "--datasets", "demo", "datasets/demo", "--variants", "fast",
+                     "--steps", 2, cwd=tmp_path)
+    number = r"\s+([+-]?\d+\.\d+)"
+    rows = [re.match(rf"(demo|datasets/demo)\s+fast{number * 4}$", line)
+            for line in result.stdout.splitlines()]
+    rows = [row.groups() for row in rows if row]
+    assert [row[0] for row in rows] == ["demo", "datasets/demo"] * 2  # as it goes, then the table
+    by_name, by_path = rows[:2]
+    assert by_name[1:4] == by_path[1:4]  # same data, same start: same scores
     assert "demo: doing nothing scores" in result.stdout
-    assert re.search(r"^1 run\(s\) in \d+\.\d minutes$", result.stdout, re.M)
+    assert re.search(r"^2 run\(s\) in \d+\.\d minutes$", result.stdout, re.M)
     assert (tmp_path / "datasets" / "demo" / "testA_truth").is_dir()
 
 
 def test_study_steps_below_two_is_a_one_line_error(capsys):
     assert "--steps must be at least 2" in one_line_error(["study", "--steps", 1], capsys)
+
+
+def test_a_restored_starting_point_trains_again_exactly_as_from_the_build(tiny_dataset):
+    cfg = config.make_config(image_size=32, filters=8)
+    files = [data.domain_files(tiny_dataset, "train", d) for d in "AB"]
+    gan, pools, batches = tu.start_run(cfg, *files)
+    start = study.StartingPoint(gan)
+    weights = lambda: [v.numpy() for v in start.variables]
+    tu.train_step(gan, *next(batches), pools, cfg)
+    after_one_step = weights()
+    assert gan.adversarial.optimizer.iterations.numpy() == 1
+    assert not all(np.array_equal(a, b) for a, b in zip(after_one_step, start.values))
+
+    start.restore()
+    for now, then in zip(weights(), start.values):  # networks and optimizer states
+        np.testing.assert_array_equal(now, then)
+    pools, batches = tu.start_data(cfg, *files)
+    tu.train_step(gan, *next(batches), pools, cfg)
+    for again, first in zip(weights(), after_one_step):
+        np.testing.assert_allclose(again, first, atol=1e-6)
