@@ -67,24 +67,29 @@ def compiled(model, training):
     return lambda x, training=False: tf.concat([call(x[i:i + 1]) for i in range(len(x))], 0)
 
 
-def paired_test_split(root):
-    """(testA files, testB files, testA truth files) of a dataset with a paired truth."""
+def study_data(root, image_size):
+    """(train files A, train files B), (test batches A with truth, test batches B) of one dataset.
+
+    Read once for the whole study: every variant trains and scores on the same files.
+    """
     files_a, files_b = (data.domain_files(root, "test", d) for d in "AB")
     truth = metrics.truth_files(files_a)
     if truth is None:
         raise data.DataError(f"the study needs a dataset with a paired truth; "
                              f"{root} has no testA_truth/")
-    return files_a, files_b, truth
+    test = (list(metrics.file_batches(files_a, image_size, truth)),
+            list(metrics.file_batches(files_b, image_size)))
+    return tuple(data.domain_files(root, "train", d) for d in "AB"), test
 
 
-def score(gan, split, image_size):
-    """Gain over doing nothing (inference and training mode) and cycle L1 on the test split."""
-    files_a, files_b, truth = split
-    scores = metrics.image_scores(compiled(gan.g_ab, False), compiled(gan.g_ba, False),
-                                  metrics.file_batches(files_a, image_size, truth),
-                                  metrics.file_batches(files_b, image_size))
-    train_mode = metrics.image_scores(compiled(gan.g_ab, True), compiled(gan.g_ba, True),
-                                      metrics.file_batches(files_a, image_size, truth), [])
+def score(generators, test):
+    """Gain over doing nothing (inference and training mode) and cycle L1 on the test batches.
+
+    generators: {training: (G_AB, G_BA)} as `compiled` calls.
+    """
+    batches_a, batches_b = test
+    scores = metrics.image_scores(*generators[False], batches_a, batches_b)
+    train_mode = metrics.image_scores(*generators[True], batches_a, [])
     return {"gain_dB": scores["truth_PSNR"] - scores["baseline_PSNR"],
             "train_mode_gain_dB": train_mode["truth_PSNR"] - train_mode["baseline_PSNR"],
             "cycle_L1": (scores["cycle_L1_A"] + scores["cycle_L1_B"]) / 2,
@@ -111,24 +116,26 @@ class StartingPoint:
             variable.assign(value)
 
 
-def run_variant(name, roots, image_size, steps, seed):
+def run_variant(name, datasets, image_size, steps, seed):
     """Train one variant from scratch on each dataset and score it on that dataset's test split.
 
-    Yields (dataset, row) as each finishes. Every dataset starts from the same
-    freshly seeded networks, restored rather than rebuilt.
+    `datasets` maps names to `study_data`. Yields (dataset, row) as each
+    finishes. Every dataset starts from the same freshly seeded networks,
+    restored rather than rebuilt, and is scored through the same traced calls.
     """
     cfg = variant_config(name, image_size, seed)
-    gan = start = None
-    for dataset, root in roots.items():
-        files_a, files_b = (data.domain_files(root, "train", d) for d in "AB")
+    gan = start = generators = None
+    for dataset, (train_files, test) in datasets.items():
         if gan is None:
-            gan, pools, batches = tu.start_run(cfg, files_a, files_b)
+            gan, pools, batches = tu.start_run(cfg, *train_files)
             start = StartingPoint(gan)
+            generators = {training: (compiled(gan.g_ab, training), compiled(gan.g_ba, training))
+                          for training in (False, True)}
         else:
             start.restore()
-            pools, batches = tu.start_data(cfg, files_a, files_b)
+            pools, batches = tu.start_data(cfg, *train_files)
         seconds = train_steps(gan, pools, batches, cfg, steps)
-        yield dataset, {**score(gan, paired_test_split(root), image_size), "s_per_step": seconds}
+        yield dataset, {**score(generators, test), "s_per_step": seconds}
 
 
 def format_row(dataset, name, row):
@@ -145,9 +152,8 @@ def run_study(datasets=DATASETS, variants=tuple(VARIANTS), image_size=32, steps=
     """Every variant on every dataset, a row printed as each finishes; returns the rows."""
     for name in variants:
         variant_config(name, image_size, seed)  # a typo fails before any training
-    roots = {d: data.resolve_dataset(d, datasets_dir) for d in datasets}
-    for root in roots.values():
-        paired_test_split(root)  # a dataset without a truth fails before any training
+    # A dataset without a truth fails here, before any training.
+    prepared = {d: study_data(data.resolve_dataset(d, datasets_dir), image_size) for d in datasets}
     print(f"Study: {len(variants)} variant(s) x {len(datasets)} dataset(s), {steps} steps each at "
           f"{image_size} px, seed {seed}. gain = PSNR of G_AB(A) minus PSNR of A itself against "
           "the truth (positive: better than doing nothing); train-mode = the same with BatchNorm "
@@ -157,7 +163,7 @@ def run_study(datasets=DATASETS, variants=tuple(VARIANTS), image_size=32, steps=
     start = time.perf_counter()
     # Variant by variant, so a study stopped early still compares both datasets.
     for name in variants:
-        for dataset, row in run_variant(name, roots, image_size, steps, seed):
+        for dataset, row in run_variant(name, prepared, image_size, steps, seed):
             rows.append((dataset, name, row))
             print(format_row(dataset, name, row), flush=True)
     print_summary(rows)
