@@ -138,6 +138,21 @@ DEMO_DEFAULTS = dict(image_size=32, epochs=4, sample_every=1, save_every=2)
 ARCHITECTURE_FIELDS = ("image_size", "filters", "res_blocks", "norm", "res_norm", "norm_affine",
                        "padding", "upsample", "global_skip", "disc", "disc_activation", "pool_size",
                        "batch_size")
+# Settings a resumed run must keep as well: the data and its order, and the
+# replicas and dtypes its checkpoint was written with.
+RESUME_FIXED = ARCHITECTURE_FIELDS + ("preset", "data", "seed", "load_size", "limit",
+                                      "mixed_precision", "strategy")
+
+# Larger inputs are for `translate`, which takes any size; training them needs a big accelerator.
+MAX_IMAGE_SIZE = 1024
+
+# Each test is written so that NaN fails it too.
+NUMBER_RANGES = {
+    "lr": (lambda v: 0 < v < float("inf"), "above 0 (and finite)"),
+    "beta1": (lambda v: 0 <= v < 1, "from 0 up to, not including, 1"),
+    "lambda_cycle": (lambda v: 0 <= v <= 1e4, "from 0 to 10000"),
+    "lambda_identity": (lambda v: 0 <= v <= 1e4, "from 0 to 10000"),
+}
 
 CHOICES = {
     "norm": ("instance", "batch"),
@@ -172,23 +187,37 @@ def make_config(preset="book", **overrides):
     return cfg
 
 
+def flag(field):
+    return "--" + field.replace("_", "-")
+
+
+def check_run_name(name):
+    """A run name is one plain folder name: results/NAME and logs/NAME, never elsewhere."""
+    if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        raise UserError(f"--name must be a plain folder name (no '/', not '.' or '..'), got {name!r}")
+
+
 def validate(cfg):
     """Raise UserError with one line for any setting the models cannot use."""
-    if cfg.image_size < 32 or cfg.image_size % 4:
-        raise UserError(f"--image-size must be a multiple of 4 and at least 32, got {cfg.image_size}")
-    if cfg.load_size and cfg.load_size < cfg.image_size:
-        raise UserError(f"--load-size ({cfg.load_size}) must be at least --image-size ({cfg.image_size})")
+    check_run_name(cfg.name)
+    if not 32 <= cfg.image_size <= MAX_IMAGE_SIZE or cfg.image_size % 4:
+        raise UserError(f"--image-size must be a multiple of 4 from 32 to {MAX_IMAGE_SIZE}, "
+                        f"got {cfg.image_size}")
+    if cfg.load_size and not cfg.image_size <= cfg.load_size <= 2 * MAX_IMAGE_SIZE:
+        raise UserError(f"--load-size ({cfg.load_size}) must be from --image-size "
+                        f"({cfg.image_size}) to {2 * MAX_IMAGE_SIZE}")
+    for field, (within, wording) in NUMBER_RANGES.items():
+        if not within(getattr(cfg, field)):
+            raise UserError(f"{flag(field)} must be a number {wording}, got {getattr(cfg, field)}")
     for field, low in (("batch_size", 1), ("filters", 1), ("epochs", 0), ("decay_epochs", 0),
                        ("steps_per_epoch", 0), ("pool_size", 0), ("limit", 0), ("res_blocks", 0),
                        ("sample_every", 1), ("save_every", 1), ("log_every", 1),
                        ("checkpoint_every", 0)):
         value = getattr(cfg, field)
         if value < low:
-            raise UserError(f"--{field.replace('_', '-')} must be at least {low}, got {value}")
+            raise UserError(f"{flag(field)} must be at least {low}, got {value}")
     if cfg.total_epochs < 1:
         raise UserError("--epochs plus --decay-epochs must be at least 1")
-    if cfg.lr <= 0:
-        raise UserError(f"--lr must be positive, got {cfg.lr}")
     for field, options in CHOICES.items():
         if getattr(cfg, field) not in options:
-            raise UserError(f"--{field.replace('_', '-')} must be one of {', '.join(options)}")
+            raise UserError(f"{flag(field)} must be one of {', '.join(options)}")

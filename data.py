@@ -8,11 +8,14 @@ import contextlib
 import os
 import shutil
 import socket
+import stat
 import warnings
-from pathlib import Path
+import zipfile
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import tensorflow as tf
+from PIL import Image, UnidentifiedImageError
 
 from config import UserError
 
@@ -21,9 +24,21 @@ OFFICIAL_DATASETS = (
     "cezanne2photo", "ukiyoe2photo", "vangogh2photo", "maps", "cityscapes",
     "facades", "iphone2dslr_flower", "ae_photos",
 )
-OFFICIAL_URL = "https://people.eecs.berkeley.edu/~taesung_park/CycleGAN/datasets/{}.zip"
+# Tried in order: the official script's current host, then the one it used until 2023.
+DATASET_URLS = (
+    "http://efrosgans.eecs.berkeley.edu/cyclegan/datasets/{name}.zip",
+    "https://people.eecs.berkeley.edu/~taesung_park/CycleGAN/datasets/{name}.zip",
+)
+# Space-separated URL templates ({name}) used instead, e.g. a mirror or a test server.
+DATASET_URL_VARIABLE = "CYCLEGAN_DATASET_URL"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 DOWNLOAD_TIMEOUT_S = 15
+# Photos barely compress, so an archive that would grow 20-fold is not a dataset.
+MAX_EXPANSION = 20
+MAX_UNPACKED_BYTES = 16 * 2 ** 30
+# PIL's own decompression-bomb bound (about 89 megapixels): a larger image is skipped.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+EXIF_ORIENTATION = 0x0112     # the EXIF tag a camera sets when held sideways or upside down
 
 
 class DataError(UserError):
@@ -31,7 +46,7 @@ class DataError(UserError):
 
 
 class SkippedImagesWarning(UserWarning):
-    """Some image files could not be read and are left out."""
+    """Some image files could not be read, or are too large, and are left out."""
 
 
 def resolve_dataset(data, datasets_dir="datasets"):
@@ -50,21 +65,110 @@ def resolve_dataset(data, datasets_dir="datasets"):
     return folder
 
 
+def dataset_urls(name):
+    templates = os.environ.get(DATASET_URL_VARIABLE, "").split() or DATASET_URLS
+    return [template.format(name=name) for template in templates]
+
+
 def download_official(name, datasets_dir):
-    """Download and unzip an official CycleGAN dataset into datasets_dir/name."""
-    url = OFFICIAL_URL.format(name)
+    """Download, check and unzip an official CycleGAN dataset into datasets_dir/name.
+
+    The archive is kept only once whole (an earlier partial or damaged one
+    is fetched again) and is unpacked beside the target, then renamed into
+    place, so a kill at any moment never leaves a half dataset.
+    """
     root = Path(datasets_dir).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    try:
-        import keras
-        with download_timeout():
-            archive = keras.utils.get_file(f"{name}.zip", url, cache_dir=str(root), cache_subdir=".")
-    except Exception as error:
-        raise DataError(f"could not download {name} ({one_line(error)}); fetch {url} by hand and "
-                        f"unzip it so that {root / name}/trainA and trainB exist") from None
-    shutil.unpack_archive(archive, root)
-    os.remove(archive)
+    archive = root / f"{name}.zip"
+    urls = dataset_urls(name)
+    if archive.exists():
+        try:
+            check_archive(archive, name)
+        except DataError:
+            archive.unlink()
+    if not archive.exists():
+        try:
+            download(urls, archive, check=lambda path: check_archive(path, name))
+        except DataError as error:
+            raise DataError(f"could not download {name}.zip ({error}); fetch it by hand from "
+                            f"{' or '.join(urls)} and unzip it so that {root / name}/trainA "
+                            "and trainB exist") from None
+    unpack_archive(archive, root, name)
+    archive.unlink()
     return root / name
+
+
+def download(urls, target, check=None):
+    """Fetch the first of `urls` that gives a good file into `target`, whole or not at all.
+
+    Each try writes to a hidden sibling and is renamed into place only after
+    `check(path)` (which raises DataError for a bad file) passes; raises
+    DataError naming every URL tried and why it failed.
+    """
+    import keras
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(target.parent, os.W_OK):
+        raise DataError(f"cannot write to {target.parent}")
+    part = target.with_name(f".{target.name}.part")
+    reasons = []
+    for url in urls:
+        try:
+            with download_timeout():
+                fetched = keras.utils.get_file(part.name, url, cache_dir=str(target.parent),
+                                               cache_subdir=".", force_download=True)
+            if check:
+                check(Path(fetched))
+            os.replace(fetched, target)
+            return target
+        except Exception as error:  # every failure of one URL is a reason to try the next
+            reasons.append(f"{url}: {one_line(error)}")
+        finally:
+            part.unlink(missing_ok=True)
+    raise DataError("; ".join(reasons))
+
+
+def check_archive(path, name):
+    """Raise DataError unless `path` is a whole zip that unpacks only files under name/."""
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+            for info in infos:
+                check_archive_entry(info, name)
+            unpacked = sum(info.file_size for info in infos)
+            if unpacked > min(MAX_UNPACKED_BYTES, MAX_EXPANSION * path.stat().st_size):
+                raise DataError(f"{path.name} would unpack {path.stat().st_size} bytes into "
+                                f"{unpacked} bytes, more than a dataset can; not unpacked")
+            damaged = archive.testzip()
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as error:
+        raise DataError(f"{path.name} is not a complete zip archive ({one_line(error)})") from None
+    if damaged:
+        raise DataError(f"{path.name} is damaged: {damaged} fails its checksum")
+
+
+def check_archive_entry(info, name):
+    """Only plain files and folders below name/: no absolute path, no '..', no link."""
+    parts = PurePosixPath(info.filename).parts
+    inside = (len(parts) > 1 or info.is_dir()) and parts[:1] == (name,)
+    if not inside or ".." in parts or "\\" in info.filename or info.filename.startswith("/"):
+        raise DataError(f"the archive for {name} holds {info.filename!r}, outside {name}/; "
+                        "not unpacked")
+    if stat.S_ISLNK(info.external_attr >> 16):
+        raise DataError(f"the archive for {name} holds a link, {info.filename!r}; not unpacked")
+
+
+def unpack_archive(archive, root, name):
+    """Unzip a checked archive into a staging folder, then rename root/name into place."""
+    staging = root / f".{name}.unpacking"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            zipped.extractall(staging)
+        os.replace(staging / name, root / name)
+    except OSError as error:
+        raise DataError(f"could not unpack {archive} into {root} ({one_line(error)})") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -93,35 +197,114 @@ def list_images(folder):
                   and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
-def is_readable_image(path):
-    """True when TensorFlow can decode the file as a non-empty image."""
+class ImageFile(str):
+    """A checked image's path that also carries its EXIF orientation (1 = upright)."""
+
+    def __new__(cls, path, orientation=1):
+        self = super().__new__(cls, path)
+        self.orientation = orientation
+        return self
+
+
+class UnusableImage(Exception):
+    """Why one image file is left out."""
+
+
+def inspect_image(path):
+    """The file as an ImageFile, checked without a full decode; raises UnusableImage.
+
+    The header gives size and orientation; PNG chunk checksums and a JPEG's
+    1/8-scale decode catch damaged or truncated files.
+    """
+    too_large = UnusableImage(f"over the {MAX_PIXELS / 1e6:.0f}-megapixel limit")
     try:
-        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-        return image.shape[0] > 0 and image.shape[1] > 0
-    except (tf.errors.OpError, ValueError):
-        return False
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise too_large
+            if image.format == "PNG":
+                # Only an eXIf chunk before the pixels: reading one after them is a full decode.
+                orientation = image.getexif().get(EXIF_ORIENTATION, 1) if "exif" in image.info else 1
+                image.verify()
+            else:
+                orientation = image.getexif().get(EXIF_ORIENTATION, 1)
+                image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
+                image.load()
+    except Image.DecompressionBombError:
+        raise too_large from None
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as error:
+        raise UnusableImage("unreadable") from error
+    if not width or not height:
+        raise UnusableImage("unreadable")
+    return ImageFile(path, orientation if orientation in range(1, 9) else 1)
+
+
+def file_name(path):
+    """A file's name for messages, printable whatever its bytes."""
+    return os.fsencode(os.path.basename(path)).decode("utf-8", "backslashreplace")
+
+
+def usable_images(files, folder):
+    """The files that inspect_image accepts; one SkippedImagesWarning names the rest."""
+    usable, skipped = [], {}
+    for path in files:
+        try:
+            usable.append(inspect_image(path))
+        except UnusableImage as why:
+            skipped.setdefault(str(why), []).append(file_name(path))
+    if skipped:
+        unreadable = skipped.pop("unreadable", [])
+        parts = [f"{len(unreadable)} unreadable image(s) in {folder}: " + ", ".join(unreadable)] \
+            if unreadable else []
+        parts += [f"{name} ({why})" for why, names in skipped.items() for name in names]
+        warnings.warn("skipping " + "; ".join(parts), SkippedImagesWarning)
+    return usable
 
 
 def domain_files(root, split, domain, limit=0):
-    """Readable images of one split/domain (e.g. train, A); warns about the rest."""
+    """Usable images of one split/domain (e.g. train, A); warns about the rest."""
     folder = Path(root) / f"{split}{domain}"
     files = list_images(folder)
     if limit:
         files = files[:limit]
-    bad = [f for f in files if not is_readable_image(f)]
-    if bad:
-        warnings.warn(f"skipping {len(bad)} unreadable image(s) in {folder}: "
-                      + ", ".join(os.path.basename(f) for f in bad), SkippedImagesWarning)
-        files = [f for f in files if f not in bad]
+    files = usable_images(files, folder)
     if not files:
         raise DataError(f"no usable images in {folder}")
     return files
 
 
-def load_image(path, size):
-    """Decode any supported file to RGB, resize to size x size, scale to [-1, 1]."""
+def upright(image, orientation):
+    """Turn a decoded image as its EXIF orientation (1-8) says the camera was held.
+
+    Every orientation is a transpose or not, then flips; tf.cond keeps the
+    graph stateless, which a checkpoint of the input pipeline requires.
+    """
+    orientation = tf.cast(orientation, tf.int32)
+    flip = lambda x, axis, wanted: tf.cond(wanted, lambda: tf.reverse(x, [axis]), lambda: x)
+    image = tf.cond(orientation >= 5, lambda: tf.transpose(image, [1, 0, 2]), lambda: image)
+    image = flip(image, 1, tf.reduce_any(orientation == [2, 3, 6, 7]))
+    return flip(image, 0, tf.reduce_any(orientation == [3, 4, 7, 8]))
+
+
+def orientation_of(path):
+    return path.orientation if isinstance(path, ImageFile) else inspect_image(path).orientation
+
+
+def decode(path, orientation):
+    """A file's pixels as uint8 RGB, upright; `path` as bytes, so any file name works."""
     image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-    image = tf.image.resize(tf.cast(image, tf.float32), (size, size), antialias=True)
+    return upright(image, orientation)
+
+
+def load_image(path, size, orientation=None):
+    """Decode any supported file to upright RGB, resize to size x size, scale to [-1, 1]."""
+    if orientation is None:
+        path, orientation = os.fsencode(path), orientation_of(path)
+    image = tf.image.resize(tf.cast(decode(path, orientation), tf.float32), (size, size),
+                            antialias=True)
     return image / 127.5 - 1.0
 
 
@@ -143,11 +326,15 @@ def domain_dataset(files, cfg, seed, replicas=1):
     of different sizes never pair A[i] with B[i].
     """
     load_px = cfg.load_px
-    ds = tf.data.Dataset.from_tensor_slices(files)
+    ds = tf.data.Dataset.from_tensor_slices(([os.fsencode(f) for f in files],
+                                             [orientation_of(f) for f in files]))
     ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True).repeat()
     ds = tf.data.Dataset.zip(ds, tf.data.Dataset.random(seed=seed).batch(2))
-    ds = ds.map(lambda p, s: augment(load_image(p, load_px), cfg.image_size, s),
+    ds = ds.map(lambda file, s: augment(load_image(file[0], load_px, file[1]), cfg.image_size, s),
                 num_parallel_calls=tf.data.AUTOTUNE)
+    # Files were checked at start without a full decode: one whose body is
+    # still damaged is dropped here rather than ending a long run.
+    ds = ds.ignore_errors()
     return ds.batch(cfg.batch_size * replicas, drop_remainder=True)
 
 
@@ -309,12 +496,16 @@ def write_png(path, image):
 
 
 def read_image(path):
-    """One image file at its own size as HxWx3 float32 in [-1, 1]."""
+    """One usable image file, upright at its own size, as HxWx3 float32 in [-1, 1].
+
+    Raises UnusableImage for a file that cannot be read or is too large.
+    """
+    image = inspect_image(str(path))
     try:
-        image = tf.io.decode_image(tf.io.read_file(str(path)), channels=3, expand_animations=False)
-    except (tf.errors.OpError, ValueError):
-        raise DataError(f"cannot read image {path}") from None
-    return image.numpy().astype(np.float32) / 127.5 - 1.0
+        pixels = decode(os.fsencode(image), image.orientation).numpy()
+    except (tf.errors.OpError, ValueError) as error:
+        raise UnusableImage("unreadable") from error
+    return pixels.astype(np.float32) / 127.5 - 1.0
 
 
 def atomic_path(path):

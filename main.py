@@ -84,6 +84,8 @@ def build_parser():
     translate.add_argument("--generator", required=True, help="a saved generator .h5")
     translate.add_argument("--input", required=True, help="an image file or a folder of images")
     translate.add_argument("--output", required=True, help="folder for the translated images")
+    translate.add_argument("--overwrite", action="store_true",
+                           help="replace translated images already in --output")
     add_evaluate_flags(commands.add_parser("evaluate", help="score a trained run on the test split"))
     summary = commands.add_parser("summary", help="print the models' sizes and outputs")
     summary.add_argument("--preset", default="book", choices=tuple(config.PRESETS))
@@ -128,7 +130,9 @@ def config_from_args(args):
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config.Config)}
     given = {k: v for k, v in given.items() if v is not None}
     data = given.get("data", "demo")
-    given.setdefault("name", Path(data).name or "run")
+    # The dataset folder's own name, also for paths such as `..` or `photos/`.
+    given.setdefault("name", Path(data).resolve().name or "run")
+    config.check_run_name(given["name"])
     if args.resume:
         return resumed_config(given)
     preset = given.pop("preset", "book")
@@ -142,7 +146,7 @@ def resumed_config(given):
     if not path.is_file():
         raise CliError(f"--resume: no run {given['name']!r} in {path.parent.parent}")
     saved = json.loads(path.read_text())
-    for field in config.ARCHITECTURE_FIELDS + ("preset", "data"):
+    for field in config.RESUME_FIXED:
         if field in given and given[field] != saved[field]:
             raise CliError(f"--resume: run {given['name']!r} was trained with "
                            f"--{field.replace('_', '-')} {saved[field]}, not {given[field]}")
@@ -158,16 +162,40 @@ def run_paths(cfg):
             "curves": root / "loss_curves.png", "config": root / "config.json"}
 
 
-def prepare_run_folder(cfg, paths, resume, overwrite):
-    """Refuse to clobber an earlier run by accident; record this run's settings."""
-    if not resume and paths["root"].exists() and any(paths["root"].iterdir()):
-        if not overwrite:
-            raise CliError(f"{paths['root']} already holds a run; pass --resume to continue it, "
-                           "--overwrite to replace it or --name to start another")
-        import shutil
-        shutil.rmtree(paths["root"])
-        shutil.rmtree(Path(cfg.log_dir) / cfg.name, ignore_errors=True)
-    paths["samples"].mkdir(parents=True, exist_ok=True)
+def open_run_folder(cfg, paths, resume, overwrite):
+    """Lock results/NAME for this process; refuse to clobber an earlier run by accident."""
+    import train_utils as tu
+    lock = tu.RunLock(paths["root"])
+    try:
+        earlier = [p for p in paths["root"].iterdir() if p.name != tu.RunLock.FILE]
+        if earlier and not resume:
+            if not overwrite:
+                raise CliError(f"{paths['root']} already holds a run; pass --resume to continue "
+                               "it, --overwrite to replace it or --name to start another")
+            clear_run(cfg, earlier)
+        paths["samples"].mkdir(parents=True, exist_ok=True)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
+def clear_run(cfg, entries):
+    """--overwrite: remove `entries` of results/NAME and the folder logs/NAME, nothing else."""
+    import shutil
+    for parent in (cfg.results_dir, cfg.log_dir):
+        folder = Path(parent) / cfg.name
+        if folder.is_symlink() or folder.resolve().parent != Path(parent).resolve():
+            raise CliError(f"--overwrite: {folder} is not a folder inside {parent}; remove it by hand")
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    shutil.rmtree(Path(cfg.log_dir) / cfg.name, ignore_errors=True)
+
+
+def save_config(cfg, paths):
     import data
     tmp = data.atomic_path(paths["config"])
     tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -184,10 +212,7 @@ def sample_files(root, domain, cfg, count):
 
 
 def train(cfg, resume=False, overwrite=False):
-    import keras
     import data
-    import metrics
-    import train_utils as tu
 
     if cfg.data == "demo":
         print("Training on the built-in demo data (pass --data NAME or --data PATH for your own).")
@@ -195,7 +220,17 @@ def train(cfg, resume=False, overwrite=False):
     files_a = data.domain_files(root, "train", "A", cfg.limit)
     files_b = data.domain_files(root, "train", "B", cfg.limit)
     paths = run_paths(cfg)
-    prepare_run_folder(cfg, paths, resume, overwrite)
+    with open_run_folder(cfg, paths, resume, overwrite):
+        run_training(cfg, root, files_a, files_b, paths, resume)
+
+
+def run_training(cfg, root, files_a, files_b, paths, resume):
+    """Set up, restore, and run the epochs of a run whose folder this process holds."""
+    import keras
+    import data
+    import metrics
+    import train_utils as tu
+
     fixed_a, fixed_b = (sample_files(root, d, cfg, max(SAMPLE_COUNT, metrics.PROBE_IMAGES))
                         for d in "AB")
     show_a = data.load_batch(fixed_a[:SAMPLE_COUNT], cfg.image_size)
@@ -204,13 +239,17 @@ def train(cfg, resume=False, overwrite=False):
 
     strategy = tu.make_strategy(cfg.strategy)
     replicas = strategy.num_replicas_in_sync
-    gan, pools, batches = tu.start_run(cfg, files_a, files_b, strategy)
+    with tu.out_of_memory_as_user_error(cfg):
+        gan, pools, batches = tu.start_run(cfg, files_a, files_b, strategy)
     with strategy.scope():
         checkpoint = tu.RunCheckpoint(gan, pools, batches, paths["checkpoints"], cfg.image_size)
     steps = data.steps_per_epoch(files_a, files_b, cfg, replicas)
     total_steps = steps * cfg.total_epochs
     step = checkpoint.restore() if resume else 0
+    save_config(cfg, paths)  # only now: a failed resume leaves the run's settings as they were
     if resume and step >= total_steps:
+        if not all((paths["models"] / f).is_file() for f in tu.MODEL_FILES.values()):
+            tu.save_models(gan, paths["models"])
         print(f"Run {cfg.name} already finished ({step} steps); nothing to do.")
         return
     if resume:
@@ -225,7 +264,7 @@ def train(cfg, resume=False, overwrite=False):
     if replicas > 1:
         print(f"{replicas} replicas: global batch {cfg.batch_size * replicas} per domain")
 
-    with tu.StopOnSignal() as stop:
+    with tu.StopOnSignal() as stop, tu.out_of_memory_as_user_error(cfg):
         for epoch in range(step // steps + 1, cfg.total_epochs + 1):
             lr = tu.learning_rate(epoch - 1, cfg)
             tu.set_learning_rate(gan, lr)
@@ -243,13 +282,11 @@ def train(cfg, resume=False, overwrite=False):
                 if step % cfg.log_every == 0:
                     logger.scalars({**losses, "learning_rate": lr}, step)
                 bar.update(i + 1, [(k, losses[k]) for k in ("D_A", "D_B", "G_total")])
-                if step % checkpoint_every == 0 or stop.requested:
+                mid_epoch = i + 1 < steps  # at its end, the epoch's outputs come first
+                if mid_epoch and (step % checkpoint_every == 0 or stop.requested):
                     checkpoint.save(step)
-                if stop.requested:
-                    logger.flush()
-                    print(f"\n{stop.requested}: checkpoint saved at step {step}; "
-                          f"continue with: python main.py --name {cfg.name} --resume")
-                    return
+                if mid_epoch and stop.requested:
+                    return stopped(stop, cfg, step, logger)
             history.append(epoch, {k: v / (steps - first) for k, v in sums.items()})
             last = epoch == cfg.total_epochs
             if epoch % cfg.sample_every == 0 or last:
@@ -260,25 +297,54 @@ def train(cfg, resume=False, overwrite=False):
                 metrics.track(gan, probe, paths["root"], logger, step, epoch)
             if epoch % cfg.save_every == 0 or last:
                 tu.save_models(gan, paths["models"])
+            if step % checkpoint_every == 0 or stop.requested:
+                checkpoint.save(step)  # after the epoch's outputs, so a resume never skips them
             logger.flush()
+            if stop.requested and not last:
+                return stopped(stop, cfg, step, logger)
     print(f"Done: samples, loss curves and models in {paths['root']}")
+
+
+def stopped(stop, cfg, step, logger):
+    logger.flush()
+    print(f"\n{stop.requested}: checkpoint saved at step {step}; "
+          f"continue with: python main.py --name {cfg.name} --resume")
 
 
 # --- translate -------------------------------------------------------------
 
-def translate(generator_path, input_path, output_dir):
+def translate(generator_path, input_path, output_dir, overwrite=False):
+    """Translate an image or a folder of them into output_dir, never over an original."""
     import data
     import models
     generator = models.load_generator(generator_path)
-    files = [input_path] if Path(input_path).is_file() else data.list_images(input_path)
+    files = [str(input_path)] if Path(input_path).is_file() else data.list_images(input_path)
     if not files:
         raise CliError(f"no images found in {input_path}")
-    Path(output_dir).mkdir(parents=True, exist_ok=True)
-    for path in files:
-        image = data.read_image(path)
-        out = models.translate_any_size(generator, image)
-        data.write_image(Path(output_dir) / Path(path).name, out)
-    print(f"Translated {len(files)} image(s) into {output_dir}")
+    output = Path(output_dir)
+    if output.exists() and not output.is_dir():
+        raise CliError(f"--output {output} is a file; give a folder for the translated images")
+    if output.resolve() in {Path(f).resolve().parent for f in files}:
+        raise CliError(f"--output {output} holds the input images, which translating would "
+                       "overwrite; give another folder")
+    targets = [output / Path(f).name for f in files]
+    existing = [t for t in targets if t.exists()]
+    if existing and not overwrite:
+        raise CliError(f"{len(existing)} output file(s) already exist in {output} (e.g. "
+                       f"{data.file_name(existing[0])}); pass --overwrite to replace them")
+    output.mkdir(parents=True, exist_ok=True)
+    skipped = []
+    for path, target in zip(files, targets):
+        try:
+            image = data.read_image(path)
+        except data.UnusableImage as why:
+            skipped.append(f"{data.file_name(path)} ({why})")
+            continue
+        data.write_image(target, models.translate_any_size(generator, image))
+    if skipped:
+        warnings.warn(f"skipped {len(skipped)} image(s) of {input_path}: " + ", ".join(skipped),
+                      data.SkippedImagesWarning)
+    print(f"Translated {len(files) - len(skipped)} image(s) into {output_dir}")
 
 
 # --- evaluate --------------------------------------------------------------
@@ -384,7 +450,7 @@ def main(argv=None):
         args = parse_args(sys.argv[1:] if argv is None else argv)
         import_tensorflow_quietly()
         if args.command == "translate":
-            translate(args.generator, args.input, args.output)
+            translate(args.generator, args.input, args.output, args.overwrite)
         elif args.command == "evaluate":
             evaluate(args)
         elif args.command == "benchmark":

@@ -227,7 +227,7 @@ def load_generator(path):
     if not str(path).endswith((".h5", ".keras")) or not tf.io.gfile.exists(str(path)):
         raise UserError(f"--generator {path} is not an existing .h5 or .keras file")
     try:
-        model = keras.models.load_model(path, compile=False)
+        model = keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as error:
         raise UserError(f"--generator {path} is not a loadable Keras model "
                         f"({type(error).__name__})") from None

@@ -1,9 +1,12 @@
 """Pieces of the training loop: step, image pool, schedule, logging, samples, saving."""
 import contextlib
 import csv
+import fcntl
 import logging
 import os
+import shutil
 import signal
+import warnings
 from pathlib import Path
 
 import matplotlib
@@ -192,21 +195,92 @@ class RunCheckpoint:
         self.manager = tf.train.CheckpointManager(checkpoint, str(folder), max_to_keep=keep)
 
     def save(self, step):
+        """Write the checkpoint of `step`; on failure (a full disk) keep the earlier ones."""
         self.step.assign(step)
         for pool, images, count in zip(self.pools, self.pool_images, self.pool_counts):
             if pool.images:
                 images[:len(pool.images)].assign(np.stack(pool.images))
             count.assign(len(pool.images))
-        self.manager.save(checkpoint_number=step)
+        try:
+            self.manager.save(checkpoint_number=step)
+        except (tf.errors.OpError, OSError) as error:
+            for partial in Path(self.manager.directory).glob(f"ckpt-{step}_temp*"):
+                shutil.rmtree(partial, ignore_errors=True)
+            reason = str(getattr(error, "message", error)).rsplit("; ", 1)[-1].split(" [Op:")[0]
+            kept = self.manager.latest_checkpoint
+            raise UserError(f"could not write the checkpoint of step {step} in "
+                            f"{self.manager.directory} ({reason}; is the disk full?); "
+                            + (f"{Path(kept).name} is kept, resume from it with --resume" if kept
+                               else "no checkpoint was written")) from None
 
     def restore(self):
-        """Load the latest checkpoint; returns its step (0 if there is none)."""
-        if not self.manager.latest_checkpoint:
-            return 0
-        self.manager.checkpoint.restore(self.manager.latest_checkpoint).assert_existing_objects_matched()
-        for pool, images, count in zip(self.pools, self.pool_images, self.pool_counts):
-            pool.images = list(images.numpy()[:int(count)])
-        return int(self.step)
+        """Load the newest checkpoint that restores whole; returns its step (0 if none exist).
+
+        A damaged one (a truncated file, say) is skipped with a warning naming it.
+        """
+        candidates = list(reversed(self.manager.checkpoints))
+        for path in candidates:
+            try:
+                self.manager.checkpoint.restore(path).assert_existing_objects_matched()
+            except Exception as error:  # what a damaged file raises varies with the damage
+                warnings.warn(f"skipping damaged checkpoint {path} ({data.one_line(error)})",
+                              DamagedCheckpointWarning)
+                continue
+            for pool, images, count in zip(self.pools, self.pool_images, self.pool_counts):
+                pool.images = list(images.numpy()[:int(count)])
+            return int(self.step)
+        if candidates:
+            raise UserError(f"no checkpoint in {self.manager.directory} can be restored")
+        return 0
+
+
+class DamagedCheckpointWarning(UserWarning):
+    """A checkpoint could not be read; an older one is used."""
+
+
+class RunLock:
+    """An exclusive lock on a run folder while this process works in it.
+
+    The kernel drops the lock when the process ends, however it ends, so a
+    killed run never leaves a stale lock behind.
+    """
+    FILE = ".lock"
+
+    def __init__(self, folder):
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.file = open(folder / self.FILE, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "?"
+            self.file.close()
+            raise UserError(f"run {folder.name!r} is in use by another process (pid {holder}); "
+                            "wait for it to finish or stop it first") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+
+    def release(self):
+        self.file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+@contextlib.contextmanager
+def out_of_memory_as_user_error(cfg):
+    """Running out of memory is the settings' fault: say which settings, in one line."""
+    try:
+        yield
+    except (tf.errors.ResourceExhaustedError, MemoryError):
+        raise UserError(f"out of memory with --image-size {cfg.image_size} and --batch-size "
+                        f"{cfg.batch_size}; try a smaller --image-size or --batch-size") from None
 
 
 class StopOnSignal:
@@ -320,9 +394,14 @@ def save_sample_grid(gan, batch_a, batch_b, path, title):
     fake_b, fake_a = gan.translate(batch_a, batch_b)
     rec_a, rec_b = gan.translate(fake_a, fake_b)[::-1]
     rows = []
-    for i in range(len(batch_a)):
-        rows.append(((batch_a[i], "original A"), (fake_b[i], "generated B"), (rec_a[i], "reconstructed A")))
-        rows.append(((batch_b[i], "original B"), (fake_a[i], "generated A"), (rec_b[i], "reconstructed B")))
+    # The two domains may offer different numbers of sample images.
+    for i in range(max(len(batch_a), len(batch_b))):
+        if i < len(batch_a):
+            rows.append(((batch_a[i], "original A"), (fake_b[i], "generated B"),
+                         (rec_a[i], "reconstructed A")))
+        if i < len(batch_b):
+            rows.append(((batch_b[i], "original B"), (fake_a[i], "generated A"),
+                         (rec_b[i], "reconstructed B")))
     fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.6 * len(rows)), squeeze=False,
                              layout="constrained")
     for ax_row, row in zip(axes, rows):

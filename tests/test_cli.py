@@ -225,3 +225,122 @@ def test_resume_with_other_architecture_is_refused(trained_run, monkeypatch, cap
     err = one_line_error(["--data", "data", "--name", "tiny", "--resume", "--filters", 64], capsys)
     assert "trained with --filters 32, not 64" in err
     assert "no run 'nothing'" in one_line_error(["--name", "nothing", "--resume"], capsys)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--lr", "nan"], "--lr must be a number above 0"),
+    (["--lr", "inf"], "--lr must be a number above 0"),
+    (["--beta1", "5"], "--beta1 must be a number from 0"),
+    (["--lambda-cycle", "-10"], "--lambda-cycle must be a number from 0"),
+    (["--lambda-identity", "nan"], "--lambda-identity must be a number from 0"),
+    (["--image-size", "1000000"], "from 32 to 1024"),
+    (["--name", "../elsewhere"], "--name must be a plain folder name"),
+    (["--name", ".."], "--name must be a plain folder name"),
+    (["--name", ""], "--name must be a plain folder name"),
+])
+def test_out_of_range_values_and_path_like_names_are_one_line_errors(tmp_path, monkeypatch, capsys,
+                                                                      args, words):
+    monkeypatch.chdir(tmp_path)
+    assert words in one_line_error(args, capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_path_like_dataset_names_the_run_after_the_folder_and_overwrite_stays_inside(
+        tmp_path, monkeypatch):
+    work = tmp_path / "project"
+    (work / "sub").mkdir(parents=True)
+    monkeypatch.chdir(work / "sub")
+    assert main.config_from_args(main.parse_args(["--data", ".."])).name == "project"
+    assert main.config_from_args(main.parse_args(["--data", "photos/"])).name == "photos"
+    # A results/NAME that is a link elsewhere is never emptied by --overwrite.
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "keep.txt").write_text("mine")
+    (work / "sub" / "results").mkdir()
+    (work / "sub" / "results" / "run").symlink_to(tmp_path / "precious")
+    cfg = main.config_from_args(main.parse_args(["--name", "run"]))
+    with pytest.raises(main.CliError, match="not a folder inside results"):
+        main.clear_run(cfg, list((work / "sub" / "results" / "run").iterdir()))
+    assert (tmp_path / "precious" / "keep.txt").read_text() == "mine"
+
+
+def test_out_of_memory_is_one_line_suggesting_smaller_settings(tmp_path, monkeypatch, capsys):
+    import tensorflow as tf
+    import train_utils
+
+    def exhausted(*args, **kwargs):
+        raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+    tiny_data(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train_utils, "train_step", exhausted)
+    err = one_line_error(["--data", "data", "--image-size", 32, "--epochs", 1], capsys)
+    assert "out of memory" in err and "smaller --image-size or --batch-size" in err
+
+
+def test_a_refused_resume_leaves_the_run_as_it_was(trained_run, monkeypatch, capsys):
+    work, _ = trained_run
+    monkeypatch.chdir(work)
+    saved = (work / "results/tiny/config.json").read_bytes()
+    err = one_line_error(["--data", "data", "--name", "tiny", "--resume", "--mixed-precision"], capsys)
+    assert "trained with --mixed-precision False, not True" in err
+    assert (work / "results/tiny/config.json").read_bytes() == saved
+
+
+def test_a_resume_whose_checkpoints_are_all_damaged_keeps_the_config(trained_run, tmp_path,
+                                                                     monkeypatch, capsys):
+    import shutil
+    work, _ = trained_run
+    shutil.copytree(work / "data", tmp_path / "data")
+    shutil.copytree(work / "results/tiny", tmp_path / "results/copy")
+    saved = (tmp_path / "results/copy/config.json").read_text().replace('"tiny"', '"copy"')
+    (tmp_path / "results/copy/config.json").write_text(saved)
+    for path in (tmp_path / "results/copy/checkpoints").glob("*.data-*"):
+        path.write_bytes(b"")
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(Warning, match="damaged checkpoint"):
+        err = one_line_error(["--name", "copy", "--resume", "--epochs", 3], capsys)
+    assert "no checkpoint" in err
+    assert (tmp_path / "results/copy/config.json").read_text() == saved
+
+
+def translate_args(work, source, output, *more):
+    return ["translate", "--generator", work / "results/tiny/models/generatorAToB.h5",
+            "--input", source, "--output", output, *more]
+
+
+def test_translate_never_overwrites_originals_or_earlier_outputs(trained_run, tmp_path, capsys):
+    work, _ = trained_run
+    originals = write_images(tmp_path / "in", 2)
+    before = {p: p.read_bytes() for p in originals}
+    assert "holds the input images" in one_line_error(
+        translate_args(work, tmp_path / "in", tmp_path / "in"), capsys)
+    assert "holds the input images" in one_line_error(
+        translate_args(work, originals[0], tmp_path / "in"), capsys)
+    (tmp_path / "afile").write_text("x")
+    assert "is a file" in one_line_error(translate_args(work, tmp_path / "in", tmp_path / "afile"),
+                                         capsys)
+    assert {p: p.read_bytes() for p in originals} == before
+
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / originals[1].name).write_text("earlier output")
+    err = one_line_error(translate_args(work, tmp_path / "in", tmp_path / "out"), capsys)
+    assert "1 output file(s) already exist" in err and "--overwrite" in err
+    assert (tmp_path / "out" / originals[1].name).read_text() == "earlier output"
+    assert main.main([str(a) for a in translate_args(work, tmp_path / "in", tmp_path / "out",
+                                                     "--overwrite")]) == 0
+    Image.open(tmp_path / "out" / originals[1].name).verify()
+
+
+def test_translate_skips_unreadable_images_by_name_and_keeps_exif_orientation(trained_run, tmp_path,
+                                                                              capsys):
+    work, _ = trained_run
+    write_images(tmp_path / "in", 1)
+    (tmp_path / "in" / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # a phone held upright, stored sideways
+    Image.new("RGB", (48, 32)).save(tmp_path / "in" / "portrait.jpg", exif=exif.tobytes())
+    with pytest.warns(Warning, match=r"skipped 1 image\(s\) .*broken.jpg \(unreadable\)"):
+        assert main.main([str(a) for a in translate_args(work, tmp_path / "in",
+                                                         tmp_path / "out")]) == 0
+    assert "Translated 2 image(s)" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["img_000.png", "portrait.jpg"]
+    assert Image.open(tmp_path / "out" / "portrait.jpg").size == (32, 48)

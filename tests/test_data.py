@@ -1,4 +1,5 @@
 import sys
+import os
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ def test_pixels_are_scaled_to_minus_one_one(tmp_path):
     Image.fromarray(pixels).save(tmp_path / "half.png")
     image = data.load_image(str(tmp_path / "half.png"), 40).numpy()
     assert image.shape == (40, 40, 3)
-    assert image.min() == -1.0 and image.max() == 1.0
+    assert image.min() == pytest.approx(-1.0, abs=1e-5) and image.max() == pytest.approx(1.0, abs=1e-5)
 
 
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "RGB"])
@@ -225,3 +226,70 @@ def test_paper_preset_pipeline_resizes_to_load_size_then_crops(tiny_dataset):
     files_b = data.domain_files(tiny_dataset, "train", "B")
     batch_a, batch_b = next(iter(data.train_dataset(files_a, files_b, cfg)))
     assert batch_a.shape == batch_b.shape == (1, 32, 32, 3)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_exif_orientation_turns_the_image_upright_as_pil_does(tmp_path, orientation):
+    from PIL import ImageOps
+    pixels = np.random.default_rng(orientation).integers(0, 256, (6, 10, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[data.EXIF_ORIENTATION] = orientation
+    path = tmp_path / "phone.png"
+    Image.fromarray(pixels).save(path, exif=exif.tobytes())
+    expected = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
+    assert expected.shape == ((10, 6, 3) if orientation >= 5 else (6, 10, 3))
+    (file,) = data.usable_images([str(path)], tmp_path)
+    assert file.orientation == orientation
+    got = np.round((data.read_image(path) + 1) * 127.5).astype(np.uint8)
+    np.testing.assert_array_equal(got, expected)
+    loaded = data.load_image(str(path), 32).numpy()  # samples, evaluation: upright too
+    np.testing.assert_allclose(loaded, data.load_image(file, 32).numpy(), atol=1e-6)
+
+
+def test_training_batches_are_upright(tmp_path):
+    """A portrait photo stored sideways trains as portrait: its top row stays on top."""
+    pixels = np.zeros((32, 48, 3), np.uint8)
+    pixels[:, :8] = 255  # white left edge; orientation 6 turns it into the top edge
+    exif = Image.Exif()
+    exif[data.EXIF_ORIENTATION] = 6
+    Image.fromarray(pixels).save(tmp_path / "side.png", exif=exif.tobytes())
+    files = data.usable_images([str(tmp_path / "side.png")], tmp_path)
+    cfg = make_config(image_size=32)
+    batch, _ = next(iter(data.train_dataset(files, files, cfg)))
+    image = batch[0].numpy()
+    assert image[:4].min() > 0.9 and image[-4:].max() < -0.9
+
+
+def write_png_claiming(path, width, height):
+    """A small PNG file whose header claims width x height pixels."""
+    import struct
+    import zlib
+    Image.new("RGB", (1, 1)).save(path)
+    raw = bytearray(path.read_bytes())
+    header = b"IHDR" + struct.pack(">II", width, height) + bytes(raw[24:29])
+    raw[12:29] = header
+    raw[29:33] = struct.pack(">I", zlib.crc32(header))
+    path.write_bytes(bytes(raw))
+
+
+def test_an_image_over_the_pixel_limit_is_skipped_by_name_without_decoding(tmp_path):
+    write_images(tmp_path / "trainA", 2)
+    write_png_claiming(tmp_path / "trainA" / "huge.png", 16000, 16000)
+    with pytest.warns(data.SkippedImagesWarning, match=r"huge.png \(over the 89-megapixel limit\)"):
+        files = data.domain_files(tmp_path, "train", "A")
+    assert len(files) == 2
+    with pytest.raises(data.UnusableImage, match="megapixel"):
+        data.read_image(tmp_path / "trainA" / "huge.png")
+
+
+def test_a_file_name_that_is_not_utf8_is_read(tmp_path):
+    folder = tmp_path / "trainA"
+    write_images(folder, 1)
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1 bytes, as an old camera or zip writes them
+    os.rename(folder / "img_000.png", folder / name)
+    (file,) = data.domain_files(tmp_path, "train", "A")
+    assert os.fsencode(file).endswith(b"caf\xe9.png")
+    assert data.load_image(file, 32).shape == (32, 32, 3)
+    cfg = make_config(image_size=32)
+    batch, _ = next(iter(data.train_dataset([file], [file], cfg)))
+    assert batch.shape == (1, 32, 32, 3)

@@ -101,8 +101,9 @@ def test_a_perfect_demo_generator_beats_the_do_nothing_baseline(tmp_path):
                                   metrics.file_batches(files_b, 32))
     assert scores["truth_PSNR"] > 60 > 15 > scores["baseline_PSNR"]
     assert scores["truth_SSIM"] == pytest.approx(1.0, abs=1e-4) and scores["baseline_SSIM"] < 0.5
-    assert scores["cycle_PSNR_A"] == metrics.PSNR_CAP_DB  # exact reconstruction, capped
-    assert scores["cycle_L1_B"] == 0.0
+    # Exact reconstruction, capped: float32 rounding differs between CPUs, a real miss is < 70 dB.
+    assert scores["cycle_PSNR_A"] == pytest.approx(metrics.PSNR_CAP_DB, abs=1e-3)
+    assert scores["cycle_L1_B"] == pytest.approx(0.0, abs=1e-6)
     a, t = data.load_batch(files_a, 32).numpy(), data.load_batch(truth, 32).numpy()
     assert scores["baseline_SSIM"] == pytest.approx(
         float(np.mean(tf.image.ssim((a + 1) / 2, (t + 1) / 2, 1.0))), rel=1e-4)

@@ -78,16 +78,56 @@ def tu_history(run):
     return train_utils.LossHistory(run / "losses.csv").read()["epoch"]
 
 
-def test_sigint_saves_a_checkpoint_and_exits_zero(tmp_path):
+def test_sigint_saves_a_checkpoint_exits_zero_and_locks_out_a_second_process(tmp_path):
     import signal
     tiny_data(tmp_path / "data")
     process = start_cli("--data", "data", "--name", "s", "--image-size", 32, "--epochs", 50,
                         "--checkpoint-every", 3, cwd=tmp_path)
     run = tmp_path / "results" / "s"
     wait_for(run / "checkpoints" / "ckpt-3.index", process)
+    # While it runs, a second process on the same name is refused, whatever it asks.
+    for extra in (["--resume"], ["--overwrite"]):
+        second = run_cli("--data", "data", "--name", "s", "--image-size", 32, *extra, cwd=tmp_path,
+                         check=False)
+        assert second.returncode == 2 and "in use by another process" in second.stderr, second.stderr
+        assert second.stderr.strip().count("\n") == 0
+    assert (run / "config.json").is_file() and list((run / "checkpoints").glob("*.index"))
     process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err
     assert "SIGINT: checkpoint saved at step" in out
     stopped = int(out.split("checkpoint saved at step ")[1].split(";")[0])
     assert latest_checkpoint_step(run) == stopped >= 3
+
+
+def test_a_stop_at_an_epochs_last_step_still_writes_that_epoch(tmp_path, monkeypatch):
+    """SIGINT during the last step of epoch 1, then of the last epoch: rows, samples, models."""
+    import signal
+    import main
+    import train_utils
+    real_step = train_utils.train_step
+    calls = {"n": 0, "stop_at": 4}
+
+    def step_then_signal(*args):
+        losses = real_step(*args)
+        calls["n"] += 1
+        if calls["n"] == calls["stop_at"]:
+            signal.raise_signal(signal.SIGINT)
+        return losses
+    monkeypatch.setattr(train_utils, "train_step", step_then_signal)
+    tiny_data(tmp_path / "data")  # 4 A images: 4 steps per epoch
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "results" / "e"
+    common = ["--data", "data", "--name", "e"]
+    assert main.main(common + ["--image-size", "32", "--epochs", "2", "--sample-every", "1",
+                              "--save-every", "5"]) == 0
+    assert latest_checkpoint_step(run) == 4
+    assert list(tu_history(run)) == [1]
+    assert (run / "samples" / "epoch_0001.png").is_file()
+
+    calls.update(n=0, stop_at=4)  # the resumed run's 4th step is the last of the last epoch
+    assert main.main(common + ["--resume"]) == 0
+    assert list(tu_history(run)) == [1, 2]
+    assert sorted(p.name for p in (run / "models").iterdir()) == [
+        "discriminatorA.h5", "discriminatorB.h5", "generatorAToB.h5", "generatorBToA.h5"]
+    assert latest_checkpoint_step(run) == 8

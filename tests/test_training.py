@@ -175,3 +175,56 @@ def test_discriminator_loss_is_the_mean_of_real_and_fake(mode):
         assert loss == pytest.approx(expected, rel=1e-4)
     else:  # the fake half is judged after the real update
         assert loss != pytest.approx(expected, rel=1e-6)
+
+
+def small_gan_and_checkpoint(tmp_path):
+    import data
+    from conftest import write_images
+    cfg = make_config(image_size=32)
+    files = [str(p) for p in write_images(tmp_path / "A", 2)]
+    keras.utils.set_random_seed(0)
+    gan = models.build_cyclegan(cfg)
+    pools = (tu.ImagePool(0), tu.ImagePool(0))
+    batches = iter(data.train_dataset(files, files, cfg))
+    return gan, tu.RunCheckpoint(gan, pools, batches, tmp_path / "ckpt", 32)
+
+
+def test_a_failed_checkpoint_write_cleans_up_and_a_damaged_one_falls_back(tmp_path):
+    import resource
+    gan, checkpoint = small_gan_and_checkpoint(tmp_path)
+    checkpoint.save(1)
+    checkpoint.save(2)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1_000_000, hard))  # writes fail as on a full disk
+    try:
+        with pytest.raises(tu.UserError) as error:
+            checkpoint.save(3)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    message = str(error.value)
+    assert "\n" not in message and "step 3" in message and "disk full" in message
+    assert "ckpt-2 is kept" in message
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir() if "ckpt-3" in p.name) == []
+    assert checkpoint.manager.latest_checkpoint.endswith("ckpt-2")
+
+    checkpoint.save(3)
+    damaged = next((tmp_path / "ckpt").glob("ckpt-3.data-*"))
+    damaged.write_bytes(damaged.read_bytes()[:1000])  # truncated, as by a crash mid-copy
+    with pytest.warns(tu.DamagedCheckpointWarning, match="ckpt-3"):
+        assert checkpoint.restore() == 2
+    for path in (tmp_path / "ckpt").glob("ckpt-[12].data-*"):
+        path.write_bytes(b"")
+    with pytest.warns(tu.DamagedCheckpointWarning), pytest.raises(tu.UserError, match="no checkpoint"):
+        checkpoint.restore()
+
+
+def test_sample_grid_takes_domains_with_different_sample_counts(tmp_path):
+    from PIL import Image
+    cfg = make_config(image_size=32)
+    gan = models.build_cyclegan(cfg)
+    rng = np.random.default_rng(0)
+    three, two = (rng.uniform(-1, 1, (n, 32, 32, 3)).astype(np.float32) for n in (3, 2))
+    tu.save_sample_grid(gan, three, two, tmp_path / "grid.png", "3 A, 2 B")
+    tu.save_sample_grid(gan, two, three, tmp_path / "grid2.png", "2 A, 3 B")
+    for name in ("grid.png", "grid2.png"):
+        Image.open(tmp_path / name).verify()

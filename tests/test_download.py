@@ -1,0 +1,140 @@
+"""Official datasets: downloaded from a loopback server the test starts, checked, unpacked safely."""
+import http.server
+import io
+import threading
+import zipfile
+
+import pytest
+
+import data
+from conftest import write_images
+
+
+@pytest.fixture
+def server(tmp_path):
+    """An HTTP server on 127.0.0.1 serving tmp_path/served; yields its base address."""
+    served = tmp_path / "served"
+    served.mkdir()
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(served), **kwargs)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield served, f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def dataset_zip(tmp_path, name="facades", extra=()):
+    """Bytes of a small dataset zip in the official layout, plus (entry, bytes) `extra`."""
+    source = tmp_path / "source"
+    for sub in ("trainA", "trainB", "testA", "testB"):
+        write_images(source / name / sub, 2, size=8)
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        for path in sorted(source.rglob("*")):
+            archive.write(path, path.relative_to(source).as_posix())
+        for entry, content in extra:
+            archive.writestr(entry, content)
+    return buffer.getvalue()
+
+
+def use_hosts(monkeypatch, *templates):
+    monkeypatch.setenv(data.DATASET_URL_VARIABLE, " ".join(templates))
+
+
+def test_the_default_hosts_are_the_current_official_one_then_the_old_one(monkeypatch):
+    monkeypatch.delenv(data.DATASET_URL_VARIABLE, raising=False)
+    assert data.dataset_urls("monet2photo") == [
+        "http://efrosgans.eecs.berkeley.edu/cyclegan/datasets/monet2photo.zip",
+        "https://people.eecs.berkeley.edu/~taesung_park/CycleGAN/datasets/monet2photo.zip"]
+
+
+def test_download_falls_back_to_the_second_host_and_unpacks_in_place(tmp_path, server, monkeypatch):
+    served, base = server
+    (served / "good").mkdir()
+    (served / "good" / "facades.zip").write_bytes(dataset_zip(tmp_path))
+    use_hosts(monkeypatch, f"{base}/moved/{{name}}.zip", f"{base}/good/{{name}}.zip")
+    datasets = tmp_path / "datasets"
+    root = data.resolve_dataset("facades", datasets)
+    assert root == (datasets / "facades").resolve()
+    assert len(data.domain_files(root, "train", "A")) == 2
+    assert sorted(p.name for p in datasets.iterdir()) == ["facades"]  # no archive, no staging
+
+
+def test_a_partial_archive_left_by_a_kill_is_fetched_again(tmp_path, server, monkeypatch):
+    served, base = server
+    good = dataset_zip(tmp_path)
+    (served / "facades.zip").write_bytes(good)
+    datasets = tmp_path / "datasets"
+    datasets.mkdir()
+    (datasets / "facades.zip").write_bytes(good[:len(good) // 2])
+    (datasets / ".facades.unpacking").mkdir()  # a kill during an earlier unpack
+    (datasets / ".facades.unpacking" / "junk").write_text("half")
+    use_hosts(monkeypatch, f"{base}/{{name}}.zip")
+    root = data.resolve_dataset("facades", datasets)
+    assert len(data.domain_files(root, "test", "B")) == 2
+    assert sorted(p.name for p in datasets.iterdir()) == ["facades"]
+
+
+def test_a_truncated_download_is_a_one_line_error_naming_every_host_and_the_folder(
+        tmp_path, server, monkeypatch):
+    served, base = server
+    good = dataset_zip(tmp_path)
+    (served / "facades.zip").write_bytes(good[:len(good) // 2])
+    use_hosts(monkeypatch, f"{base}/{{name}}.zip", f"{base}/missing/{{name}}.zip")
+    datasets = tmp_path / "datasets"
+    with pytest.raises(data.DataError) as error:
+        data.resolve_dataset("facades", datasets)
+    message = str(error.value)
+    assert "\n" not in message and "not a complete zip" in message
+    assert f"{base}/facades.zip" in message and f"{base}/missing/facades.zip" in message
+    assert str((datasets / "facades").resolve()) in message
+    assert list(datasets.iterdir()) == []  # nothing half-written is left to trust
+
+
+@pytest.mark.parametrize("entry, words", [
+    ("../evil.txt", "outside facades/"),
+    ("/tmp/evil.txt", "outside facades/"),
+    ("demo/trainA/0000.png", "outside facades/"),
+    ("facades/../demo/x.png", "outside facades/"),
+    ("link", "link"),
+])
+def test_an_archive_that_writes_elsewhere_is_refused_whole(tmp_path, server, monkeypatch, entry,
+                                                           words):
+    served, base = server
+    if entry == "link":
+        info = zipfile.ZipInfo("facades/trainA/link")
+        info.external_attr = (0o120777 << 16)  # a symbolic link entry
+        extra = [(info, "/etc/passwd")]
+    else:
+        extra = [(entry, "payload")]
+    (served / "facades.zip").write_bytes(dataset_zip(tmp_path, extra=extra))
+    use_hosts(monkeypatch, f"{base}/{{name}}.zip")
+    datasets = tmp_path / "datasets"
+    write_images(datasets / "demo" / "trainA", 1)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if "served" not in p.parts)
+    with pytest.raises(data.DataError, match=words):
+        data.resolve_dataset("facades", datasets)
+    after = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if "served" not in p.parts)
+    assert after == before
+
+
+def test_a_zip_bomb_is_refused_before_unpacking(tmp_path, server, monkeypatch):
+    served, base = server
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("facades/trainA/zeros.png", bytes(200 * 2 ** 20))
+    assert len(buffer.getvalue()) < 400_000
+    (served / "facades.zip").write_bytes(buffer.getvalue())
+    use_hosts(monkeypatch, f"{base}/{{name}}.zip")
+    datasets = tmp_path / "datasets"
+    with pytest.raises(data.DataError, match="would unpack .* into 209715200 bytes"):
+        data.resolve_dataset("facades", datasets)
+    assert list(datasets.iterdir()) == []
