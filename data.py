@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from config import UserError
+from fileio import atomic_path, atomic_write  # noqa: F401 (atomic_path: main.py until issue 12 merges)
 
 OFFICIAL_DATASETS = (
     "apple2orange", "summer2winter_yosemite", "horse2zebra", "monet2photo",
@@ -317,16 +318,14 @@ def read_image(path):
     return image.numpy().astype(np.float32) / 127.5 - 1.0
 
 
-def atomic_path(path):
-    """A temporary sibling to write to before `os.replace`, keeping the suffix."""
-    path = Path(path)
-    return path.with_name(f".{path.stem}.tmp{path.suffix}")
+def to_unit(images):
+    """[-1, 1] network pixels back to [0, 1] for display and scoring."""
+    return np.clip((np.asarray(images) + 1.0) / 2.0, 0.0, 1.0)
 
 
 def write_image(path, image):
     """Write a [-1, 1] image; the file name's extension picks the format."""
     from PIL import Image
     pixels = np.round((np.clip(image, -1, 1) + 1) * 127.5).astype(np.uint8)
-    tmp = atomic_path(path)
-    Image.fromarray(pixels).save(tmp, format=Image.registered_extensions().get(Path(path).suffix.lower(), "PNG"))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        Image.fromarray(pixels).save(tmp, format=Image.registered_extensions().get(Path(path).suffix.lower(), "PNG"))

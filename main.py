@@ -343,14 +343,14 @@ def evaluate(args):
 
 # --- benchmark -------------------------------------------------------------
 
-def benchmark(args):
-    import benchmark as bench
+def benchmark_command(args):
+    import benchmark
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config.Config)}
     cfg = config.make_config(given.pop("preset") or "book", **given)
     if args.steps < 1 or args.pipeline_images < 1:
         raise CliError("--steps and --pipeline-images must be at least 1")
-    figures = bench.run_benchmark(cfg, args.steps, args.pipeline_images)
-    print(json.dumps(figures, indent=2) if args.json else bench.format_figures(figures))
+    figures = benchmark.run_benchmark(cfg, args.steps, args.pipeline_images)
+    print(json.dumps(figures, indent=2) if args.json else benchmark.format_figures(figures))
 
 
 # --- summary ---------------------------------------------------------------
@@ -369,14 +369,13 @@ def summary(preset, image_size):
 
 # --- study -----------------------------------------------------------------
 
-def study(args):
-    import study as study_module
-    steps = study_module.DEFAULT_STEPS if args.steps is None else args.steps
+def study_command(args):
+    import study
+    steps = study.DEFAULT_STEPS if args.steps is None else args.steps
     if steps < 2:
         raise CliError(f"--steps must be at least 2, got {steps}")
-    study_module.run_study(args.datasets or study_module.DATASETS,
-                           args.variants or tuple(study_module.VARIANTS),
-                           args.image_size, steps, args.seed)
+    study.run_study(args.datasets or study.DATASETS, args.variants or tuple(study.VARIANTS),
+                    args.image_size, steps, args.seed)
 
 
 def main(argv=None):
@@ -388,11 +387,11 @@ def main(argv=None):
         elif args.command == "evaluate":
             evaluate(args)
         elif args.command == "benchmark":
-            benchmark(args)
+            benchmark_command(args)
         elif args.command == "summary":
             summary(args.preset, args.image_size)
         elif args.command == "study":
-            study(args)
+            study_command(args)
         else:
             train(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
     except config.UserError as error:

@@ -225,3 +225,7 @@ def test_paper_preset_pipeline_resizes_to_load_size_then_crops(tiny_dataset):
     files_b = data.domain_files(tiny_dataset, "train", "B")
     batch_a, batch_b = next(iter(data.train_dataset(files_a, files_b, cfg)))
     assert batch_a.shape == batch_b.shape == (1, 32, 32, 3)
+
+
+def test_to_unit_maps_network_range_to_display_range():
+    np.testing.assert_allclose(data.to_unit(np.array([-1.0, 0.0, 1.0, 2.0])), [0, 0.5, 1, 1])

@@ -1,8 +1,6 @@
 """Quality numbers checked against independent computations; the results page's links."""
 import json
-from html.parser import HTMLParser
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 import keras
 import numpy as np
@@ -14,8 +12,7 @@ import metrics
 import models
 import train_utils as tu
 from config import UserError, make_config
-from conftest import write_images
-from test_training import read_tensorboard
+from conftest import page_links, read_tensorboard, write_images
 
 
 def scaling_model(factor):
@@ -161,25 +158,6 @@ def test_distribution_scores_compare_translated_with_real_features(tmp_path):
 
 
 # --- Training hook and the results page ------------------------------------
-
-class Links(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.targets = []
-
-    def handle_starttag(self, tag, attrs):
-        self.targets += [v for k, v in attrs if k in ("href", "src")]
-
-
-def page_links(page):
-    """Every href/src of the page, each checked to be a relative link to an existing file."""
-    parser = Links()
-    parser.feed(page.read_text())
-    for target in parser.targets:
-        assert not urlparse(target).scheme and not target.startswith("/"), target
-        assert (page.parent / unquote(target)).is_file(), target
-    return parser.targets
-
 
 def test_track_logs_scores_saves_them_and_builds_the_page(tmp_path):
     keras.utils.set_random_seed(0)

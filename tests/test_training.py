@@ -9,6 +9,7 @@ import keras
 import models
 import train_utils as tu
 from config import make_config
+from conftest import read_tensorboard
 
 
 def test_image_pool_off_returns_the_new_fakes():
@@ -54,10 +55,6 @@ def test_sample_grid_is_written(small_gan, tmp_path):
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
 
 
-def test_to_unit_maps_network_range_to_display_range():
-    np.testing.assert_allclose(tu.to_unit(np.array([-1.0, 0.0, 1.0, 2.0])), [0, 0.5, 1, 1])
-
-
 def test_saved_generator_loads_in_plain_keras_with_identical_output(small_gan, tmp_path):
     tu.save_models(small_gan, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(tu.MODEL_FILES.values())
@@ -87,13 +84,6 @@ def test_loss_history_and_curves(tmp_path):
     assert list(data["epoch"]) == [1, 2, 3] and list(data["D_A"]) == [1, 2, 3]
     tu.save_loss_curves(history, tmp_path / "loss_curves.png")
     assert (tmp_path / "loss_curves.png").stat().st_size > 1000
-
-
-def read_tensorboard(folder):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    events = EventAccumulator(str(folder), size_guidance={"tensors": 0})
-    events.Reload()
-    return events
 
 
 def test_tensorboard_scalars_images_and_graphs(small_gan, tmp_path):
