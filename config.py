@@ -79,12 +79,6 @@ class Config:
             return self.res_blocks
         return 9 if self.image_size >= 256 else 6
 
-    @property
-    def loss_weights(self):
-        """Weights of the adversarial model's six outputs, in output order."""
-        c, i = self.lambda_cycle, self.lambda_identity
-        return [1.0, 1.0, c, c, i, i]
-
 
 # The chapter's code with its bugs fixed: Config's defaults.
 BOOK = Config()

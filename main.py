@@ -363,8 +363,8 @@ def summary(preset, image_size):
         print(f"{model.name} params={model.count_params()}")
     print(f"discriminator output={'x'.join(map(str, gan.patch_shape))} "
           f"receptive_field={models.receptive_field(gan.d_a)}px at {cfg.image_size}px input")
-    for name, loss, weight in zip(models.OUTPUT_NAMES, models.OUTPUT_LOSSES, cfg.loss_weights):
-        print(f"adversarial output {name}: loss={loss} weight={weight:g}")
+    for output, weight in zip(models.OUTPUTS, models.loss_weights(cfg)):
+        print(f"adversarial output {output.name}: loss={output.loss} weight={weight:g}")
 
 
 # --- study -----------------------------------------------------------------

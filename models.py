@@ -4,6 +4,8 @@ Every builder is a pure function of a `config.Config`; nothing here trains.
 """
 import contextlib
 from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable, NamedTuple, Optional
 
 import keras
 import numpy as np
@@ -13,8 +15,37 @@ from keras import layers
 from config import UserError
 from cyclegan_layers import ReflectionPadding2D
 
-OUTPUT_NAMES = ("adv_A", "adv_B", "cycle_A", "cycle_B", "identity_A", "identity_B")
-OUTPUT_LOSSES = ("mse", "mse", "mae", "mae", "mae", "mae")
+
+
+class Output(NamedTuple):
+    """One output of the adversarial model and the generator loss taken on it.
+
+    `compute` builds the output from `t`, which holds the networks g_ab, g_ba,
+    d_a, d_b and the tensors real_a, real_b, fake_a = g_ba(real_b), fake_b = g_ab(real_a).
+    """
+    name: str
+    loss: str
+    weight: Optional[str]  # the Config field that weights the loss; None: 1
+    target: str            # "ones" (the discriminator's "real"), "real_A" or "real_B"
+    compute: Callable
+
+
+# The generator's losses, declared once: a new loss term is a new row.
+OUTPUTS = (
+    Output("adv_A", "mse", None, "ones", lambda t: t.d_a(t.fake_a)),
+    Output("adv_B", "mse", None, "ones", lambda t: t.d_b(t.fake_b)),
+    Output("cycle_A", "mae", "lambda_cycle", "real_A", lambda t: t.g_ba(t.fake_b)),
+    Output("cycle_B", "mae", "lambda_cycle", "real_B", lambda t: t.g_ab(t.fake_a)),
+    Output("identity_A", "mae", "lambda_identity", "real_A", lambda t: t.g_ba(t.real_a)),
+    Output("identity_B", "mae", "lambda_identity", "real_B", lambda t: t.g_ab(t.real_b)),
+)
+OUTPUT_NAMES = tuple(o.name for o in OUTPUTS)
+OUTPUT_LOSSES = tuple(o.loss for o in OUTPUTS)
+
+
+def loss_weights(cfg):
+    """The weight of each output's loss, in OUTPUTS order."""
+    return [float(getattr(cfg, o.weight)) if o.weight else 1.0 for o in OUTPUTS]
 
 
 def kernel_init(cfg):
@@ -148,15 +179,14 @@ def build_adversarial_model(g_ab, g_ba, d_a, d_b, cfg):
     shape = (cfg.image_size, cfg.image_size, 3)
     real_a = keras.Input(shape, name="real_A")
     real_b = keras.Input(shape, name="real_B")
-    fake_b = g_ab(real_a)
-    fake_a = g_ba(real_b)
-    outputs = [d_a(fake_a), d_b(fake_b), g_ba(fake_b), g_ab(fake_a), g_ba(real_a), g_ab(real_b)]
-    outputs = [layers.Identity(name=n)(o) for n, o in zip(OUTPUT_NAMES, outputs)]
+    t = SimpleNamespace(g_ab=g_ab, g_ba=g_ba, d_a=d_a, d_b=d_b, real_a=real_a, real_b=real_b,
+                        fake_a=g_ba(real_b), fake_b=g_ab(real_a))
+    outputs = [layers.Identity(name=o.name)(o.compute(t)) for o in OUTPUTS]
     d_a.trainable = False
     d_b.trainable = False
     model = keras.Model([real_a, real_b], outputs, name="adversarial")
     model.compile(optimizer=make_optimizer(cfg), loss=list(OUTPUT_LOSSES),
-                  loss_weights=cfg.loss_weights, jit_compile=cfg.jit_compile)
+                  loss_weights=loss_weights(cfg), jit_compile=cfg.jit_compile)
     return model
 
 
@@ -183,6 +213,12 @@ class CycleGAN:
     def patch_shape(self):
         """Discriminator output shape (no batch axis): the shape of its labels."""
         return tuple(self.d_a.output.shape[1:])
+
+    def targets(self, real_a, real_b):
+        """The adversarial model's targets for a batch, in OUTPUTS order."""
+        known = {"ones": tf.ones((real_a.shape[0],) + self.patch_shape),
+                 "real_A": real_a, "real_B": real_b}
+        return [known[o.target] for o in OUTPUTS]
 
     def set_discriminators_trainable(self, flag):
         # Keras 3 (unlike Keras 2) takes `trainable` from the moment a model's

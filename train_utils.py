@@ -20,8 +20,10 @@ from fileio import atomic_write  # noqa: E402
 from models import OUTPUT_NAMES  # noqa: E402
 
 D_LOSS_NAMES = ("D_A", "D_B")
-G_LOSS_NAMES = OUTPUT_NAMES + ("G_total",)
+G_TOTAL = "G_total"
+G_LOSS_NAMES = OUTPUT_NAMES + (G_TOTAL,)
 LOSS_NAMES = D_LOSS_NAMES + G_LOSS_NAMES
+PROGRESS_NAMES = D_LOSS_NAMES + (G_TOTAL,)  # shown on the progress bar
 MODEL_FILES = {"g_ab": "generatorAToB.h5", "g_ba": "generatorBToA.h5",
                "d_a": "discriminatorA.h5", "d_b": "discriminatorB.h5"}
 
@@ -151,10 +153,9 @@ def train_step(gan, real_a, real_b, pools, cfg):
     losses = {"D_A": update_discriminator(gan.d_a, real_a, fake_a, cfg),
               "D_B": update_discriminator(gan.d_b, real_b, fake_b, cfg)}
     gan.set_discriminators_trainable(False)
-    ones = tf.ones((real_a.shape[0],) + gan.patch_shape)
-    g = fit_batch(gan.adversarial, [real_a, real_b], [ones, ones, real_a, real_b, real_a, real_b])
+    g = fit_batch(gan.adversarial, [real_a, real_b], gan.targets(real_a, real_b))
     losses.update({name: g[f"{name}_loss"] for name in OUTPUT_NAMES})
-    losses["G_total"] = g["loss"]
+    losses[G_TOTAL] = g["loss"]
     return losses
 
 

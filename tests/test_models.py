@@ -85,6 +85,10 @@ def test_adversarial_model_outputs_losses_and_weights():
     assert list(adv.loss) == ["mse", "mse", "mae", "mae", "mae", "mae"]
     assert adv.get_compile_config()["loss_weights"] == [1, 1, 10, 10, 1, 1]
     assert [tuple(t.shape[1:]) for t in adv.outputs] == [gan.patch_shape] * 2 + [(32, 32, 3)] * 4
+    real_a, real_b = np.full((2, 32, 32, 3), -0.5, np.float32), np.full((2, 32, 32, 3), 0.5, np.float32)
+    targets = gan.targets(real_a, real_b)
+    assert [tuple(t.shape[1:]) for t in targets] == [tuple(t.shape[1:]) for t in adv.outputs]
+    assert [float(np.mean(t)) for t in targets] == pytest.approx([1.0, 1.0, -0.5, 0.5, -0.5, 0.5])
     # Each compiled model has an optimizer of its own, Adam(2e-4, beta_1=0.5).
     optimizers = [gan.d_a.optimizer, gan.d_b.optimizer, adv.optimizer]
     assert len({id(o) for o in optimizers}) == 3
@@ -133,7 +137,7 @@ def test_discriminators_train_only_in_their_own_step_and_generators_in_the_adver
     assert set(losses) == {"D_A", "D_B", "adv_A", "adv_B", "cycle_A", "cycle_B",
                            "identity_A", "identity_B", "G_total"}
     assert all(np.isfinite(v) for v in losses.values())
-    weighted = sum(w * losses[n] for w, n in zip(cfg.loss_weights, models.OUTPUT_NAMES))
+    weighted = sum(w * losses[n] for w, n in zip(models.loss_weights(cfg), models.OUTPUT_NAMES))
     assert losses["G_total"] == pytest.approx(weighted, rel=1e-4)
 
 
