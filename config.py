@@ -28,6 +28,7 @@ class Config:
     limit: int = 0                   # images per domain, 0 = all
 
     # Generator.
+    gen: str = "resnet"              # resnet (encoder, residual blocks, decoder)
     filters: int = 32                # width of the first generator conv
     res_blocks: int = 6              # 0 = the paper's rule: 9 at >= 256 px, else 6
     norm: str = "instance"           # encoder/decoder norm: instance | batch
@@ -129,11 +130,14 @@ PRESETS = {"book": BOOK, "paper": PAPER, "fast": FAST}
 DEMO_DEFAULTS = dict(image_size=32, epochs=4, sample_every=1, save_every=2)
 
 # Settings that shape the networks or the data they see: a resumed run must keep them.
-ARCHITECTURE_FIELDS = ("image_size", "filters", "res_blocks", "norm", "res_norm", "norm_affine",
+ARCHITECTURE_FIELDS = ("image_size", "gen", "filters", "res_blocks", "norm", "res_norm", "norm_affine",
                        "padding", "upsample", "global_skip", "disc", "disc_activation", "pool_size",
                        "batch_size")
 
+# The names of models.GENERATORS and models.DISCRIMINATORS are repeated in
+# CHOICES so that the CLI can check flags before importing TensorFlow.
 CHOICES = {
+    "gen": ("resnet",),
     "norm": ("instance", "batch"),
     "res_norm": ("batch", "instance"),
     "padding": ("zero", "reflect"),

@@ -37,17 +37,15 @@ class SkippedImagesWarning(UserWarning):
 
 def resolve_dataset(data, datasets_dir="datasets"):
     """Path of the dataset folder for `--data`: a path, `demo`, or an official name."""
-    if data == "demo":
-        return make_demo_dataset(Path(datasets_dir) / "demo")
-    if data == "photos":
-        return make_photo_dataset(Path(datasets_dir) / "photos")
+    if data in GENERATED_DATASETS:
+        return GENERATED_DATASETS[data](Path(datasets_dir) / data)
     if data in OFFICIAL_DATASETS:
         folder = Path(datasets_dir) / data
         return folder if folder.is_dir() else download_official(data, datasets_dir)
     folder = Path(data)
     if not folder.is_dir():
-        raise DataError(f"--data {data!r} is neither a folder nor one of: demo, photos, "
-                        + ", ".join(OFFICIAL_DATASETS))
+        raise DataError(f"--data {data!r} is neither a folder nor one of: "
+                        + ", ".join((*GENERATED_DATASETS, *OFFICIAL_DATASETS)))
     return folder
 
 
@@ -303,6 +301,10 @@ def make_photo_dataset(folder, photos=None):
                     truth = photo_grading(patch_a) if split == "test" else None
                     yield split, f"{name}_{i:03d}.png", patch_a, photo_grading(patch_b), truth
     return write_paired_dataset(folder, items())
+
+
+# Datasets made on the spot, by --data name: a new source is a function and a line here.
+GENERATED_DATASETS = {"demo": make_demo_dataset, "photos": make_photo_dataset}
 
 
 def write_png(path, image):

@@ -215,8 +215,9 @@ def distribution_scores(model, g_ab, g_ba, files_a, files_b, size):
 # --- Reporting -------------------------------------------------------------
 
 def table_rows(scores):
-    """(label, value) pairs in a fixed order, for the scores present."""
-    return [(label, f"{scores[name]:.4g}") for name, label in LABELS.items() if name in scores]
+    """(label, value) pairs: the LABELS scores present in their order, then any others by name."""
+    names = [n for n in LABELS if n in scores] + [n for n in scores if n not in LABELS]
+    return [(LABELS.get(name, name), f"{scores[name]:.4g}") for name in names]
 
 
 def format_table(scores):

@@ -3,6 +3,7 @@
 Every builder is a pure function of a `config.Config`; nothing here trains.
 """
 import contextlib
+import functools
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable, NamedTuple, Optional
@@ -111,7 +112,12 @@ def upsample_block(x, filters, cfg):
 
 
 def build_generator(cfg, name="generator"):
-    """Encoder, residual blocks, decoder; any input size divisible by 4."""
+    """The generator that --gen names (GENERATORS); any input size divisible by 4."""
+    return GENERATORS[cfg.gen](cfg, name)
+
+
+def resnet_generator(cfg, name):
+    """Encoder, residual blocks, decoder, as the chapter and the paper."""
     inputs = keras.Input((None, None, 3), name="image")
     f = cfg.filters
     x = conv_norm_relu(inputs, f, 7, 1, cfg)
@@ -138,26 +144,37 @@ def change_of_input(inputs, x, cfg):
     return layers.Activation("hard_tanh", dtype="float32")(layers.Add()([inputs, change]))
 
 
-def disc_strides(cfg):
-    """Strides of the three normalised conv blocks: the 70x70 PatchGAN's last is 1."""
-    return (2, 2, 1) if cfg.disc == "patch70" else (2, 2, 2)
-
-
 def build_discriminator(cfg, name="discriminator"):
-    """PatchGAN: one real/fake score per overlapping image patch."""
+    """The discriminator that --disc names (DISCRIMINATORS)."""
+    return DISCRIMINATORS[cfg.disc](cfg, name)
+
+
+def patch_discriminator(cfg, name, strides):
+    """PatchGAN: one real/fake score per overlapping image patch.
+
+    `strides`: of the three normalised conv blocks.
+    """
     inputs = keras.Input((cfg.image_size, cfg.image_size, 3), name="image")
     x = layers.ZeroPadding2D(1)(inputs)
     x = layers.Conv2D(64, 4, 2, kernel_initializer=kernel_init(cfg))(x)
     x = layers.LeakyReLU(0.2)(x)
-    for i, strides in enumerate(disc_strides(cfg), start=1):
+    for i, stride in enumerate(strides, start=1):
         x = layers.ZeroPadding2D(1)(x)
-        x = layers.Conv2D(64 * 2 ** i, 4, strides, kernel_initializer=kernel_init(cfg))(x)
+        x = layers.Conv2D(64 * 2 ** i, 4, stride, kernel_initializer=kernel_init(cfg))(x)
         x = norm_layer("instance", cfg)(x)
         x = layers.LeakyReLU(0.2)(x)
     x = layers.ZeroPadding2D(1)(x)
     outputs = layers.Conv2D(1, 4, 1, activation=cfg.disc_activation, dtype="float32",
                             kernel_initializer=kernel_init(cfg))(x)
     return keras.Model(inputs, outputs, name=name)
+
+
+# Builders by name: a new architecture is a function here plus its name in config.CHOICES.
+GENERATORS = {"resnet": resnet_generator}
+DISCRIMINATORS = {
+    "book": functools.partial(patch_discriminator, strides=(2, 2, 2)),
+    "patch70": functools.partial(patch_discriminator, strides=(2, 2, 1)),  # the paper's 70x70
+}
 
 
 def receptive_field(model):

@@ -189,3 +189,14 @@ def test_track_logs_scores_saves_them_and_builds_the_page(tmp_path):
     assert links == ["config.json", "metrics.json", "samples/epoch_0002.png", "samples/epoch_0001.png"]
     assert "G_AB(A) vs truth, PSNR dB" in (run / "index.html").read_text()
     assert not list(run.glob(".*tmp*"))
+
+
+def test_a_metric_missing_from_labels_still_shows_in_the_table_and_on_the_page(tmp_path):
+    scores = {"new_score": 0.125, "cycle_L1_A": 0.25}
+    assert metrics.format_table(scores).splitlines() == [
+        "cycle A->B->A, L1  0.25", "new_score          0.125"]
+    metrics.save_scores(tmp_path / "metrics.json", scores, "test")
+    metrics.write_results_page(tmp_path)
+    page = (tmp_path / "index.html").read_text()
+    assert "<th>new_score</th><td>0.125</td>" in page
+    assert "<th>cycle A-&gt;B-&gt;A, L1</th><td>0.25</td>" in page

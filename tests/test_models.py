@@ -1,8 +1,11 @@
+import dataclasses
+
 import numpy as np
 import pytest
 
 import keras
 
+import config
 from config import make_config
 import models
 
@@ -151,3 +154,13 @@ def test_keras3_trap_a_discriminator_frozen_at_its_first_update_never_learns():
     before = weights(d)
     d.train_on_batch(x, np.ones((1,) + tuple(d.output.shape[1:]), np.float32))
     assert not changed(before, d)
+
+
+def test_every_architecture_choice_has_a_builder():
+    assert config.CHOICES["gen"] == tuple(models.GENERATORS)
+    assert config.CHOICES["disc"] == tuple(models.DISCRIMINATORS)
+    cfg = build(image_size=32)
+    assert models.build_generator(cfg).name == "generator"
+    book = models.build_discriminator(cfg).output.shape[1]
+    patch70 = models.build_discriminator(dataclasses.replace(cfg, disc="patch70")).output.shape[1]
+    assert patch70 > book  # its last block keeps the resolution
