@@ -37,11 +37,12 @@ def add_config_flags(parser):
     """One flag per Config field, defaulting to None so presets fill the gaps."""
     for field in dataclasses.fields(config.Config):
         flag = "--" + field.name.replace("_", "-")
+        text = config.flag_help(field).replace("%", "%%")
         if field.type is bool or isinstance(field.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             parser.add_argument(flag, type=type(field.default), default=None,
-                                choices=config.CHOICES.get(field.name))
+                                choices=config.CHOICES.get(field.name), help=text)
 
 
 def add_evaluate_flags(parser):
@@ -71,10 +72,8 @@ def build_parser():
     commands = parser.add_subparsers(dest="command")
     train = commands.add_parser("train", help="train a CycleGAN (default)")
     add_config_flags(train)
-    train.add_argument("--overwrite", action="store_true",
-                       help="start the run NAME again, replacing its results")
-    train.add_argument("--resume", action="store_true",
-                       help="continue the run NAME from its latest checkpoint")
+    for name, text in config.RUN_FLAGS.items():
+        train.add_argument(f"--{name}", action="store_true", help=text)
     bench = commands.add_parser("benchmark", help="time the training step and input pipeline")
     add_config_flags(bench)
     bench.add_argument("--steps", type=int, default=10, help="timed training steps")
