@@ -23,14 +23,12 @@ def setting(default, help, shown=None):
 @dataclass(frozen=True)
 class Config:
     # Run bookkeeping.
-    name: str = setting("cyclegan", "run name: outputs go to RESULTS_DIR/NAME and LOG_DIR/NAME",
-                        shown="dataset name")
-    data: str = setting("demo", "demo, photos, an official CycleGAN dataset's name (downloaded to "
-                                "datasets/NAME) or a folder with trainA/ and trainB/")
-    preset: str = setting("book", "book (the chapter), paper (Zhu et al. 2017) or fast (the study's "
-                                  "best); fills in the flags not given")
-    results_dir: str = setting("results", "folder of the run folders (samples, models, checkpoints, metrics)")
-    log_dir: str = setting("logs", "folder of the TensorBoard logs")
+    name: str = setting("cyclegan", "run name: RESULTS_DIR/NAME, LOG_DIR/NAME", shown="dataset name")
+    data: str = setting("demo", "demo, photos, an official dataset (downloaded) or a folder with "
+                                "trainA/ and trainB/")
+    preset: str = setting("book", "book (the chapter), paper (Zhu et al.) or fast (the study's best)")
+    results_dir: str = setting("results", "where run folders go")
+    log_dir: str = setting("logs", "where TensorBoard logs go")
     seed: int = setting(0, "seeds Python, NumPy, TensorFlow and the data order")
 
     # Data.
@@ -48,34 +46,33 @@ class Config:
     padding: str = setting("zero", "padding of the generator's stride-1 convs")
     init: str = setting("glorot", "weight init; normal: N(0, 0.02)")
     upsample: str = setting("transpose", "transposed conv, or nearest resize then conv (no checkerboard)")
-    global_skip: bool = setting(False, "generator output = input + a learned change, clipped: an "
-                                       "untrained generator is the identity")
+    global_skip: bool = setting(False, "output = input + a learned change: an untrained generator "
+                                       "is the identity")
 
     # Discriminator.
-    disc: str = setting("book", "book: four stride-2 convs; patch70: the paper's 70x70 PatchGAN "
-                                "(last conv block stride 1)")
+    disc: str = setting("book", "book: four stride-2 convs; patch70: the paper's 70x70 PatchGAN")
     disc_activation: str = setting("sigmoid", "discriminator output; linear: least squares on raw scores")
 
     # Losses and optimisation.
     lambda_cycle: float = setting(10.0, "weight of each cycle loss (official --lambda_A, --lambda_B)")
-    lambda_identity: float = setting(1.0, "weight of each identity loss, absolute; the official "
-                                          "--lambda_identity is relative to --lambda_A: its 0.5 is 5 here")
+    lambda_identity: float = setting(1.0, "weight of each identity loss, absolute: the official "
+                                          "--lambda_identity 0.5 (relative to --lambda_A) is 5 here")
     lr: float = setting(2e-4, "Adam learning rate")
     beta1: float = setting(0.5, "Adam beta_1")
     batch_size: int = setting(1, "images per domain per step (per replica)")
     epochs: int = setting(200, "epochs at the constant learning rate (official --n_epochs)")
     decay_epochs: int = setting(0, "further epochs, the learning rate decaying linearly to 0 "
                                    "(official --n_epochs_decay)")
-    steps_per_epoch: int = setting(0, "0: max(|A|, |B|) / batch size, as the official code")
+    steps_per_epoch: int = setting(0, "0: max(|A|, |B|) / batch size")
     pool_size: int = setting(0, "generated images kept per domain to train D on; 0: none")
-    d_update: str = setting("split", "split: D updated on real, then on fake; joint: one update on "
-                                     "both, loss halved (the paper)")
+    d_update: str = setting("split", "split: D on real, then on fake; joint: one update on both, "
+                                     "loss halved")
 
     # Devices and speed.
     strategy: str = setting("default", "default: one device; mirrored: all local GPUs; multiworker: "
-                                       "the machines in TF_CONFIG")
+                                       "TF_CONFIG's machines")
     mixed_precision: bool = setting(False, "mixed_float16 compute, float32 weights and losses (GPU)")
-    jit_compile: bool = setting(False, "XLA; slower on the 2-core CPU measured, try it on a GPU")
+    jit_compile: bool = setting(False, "XLA; slower on the CPU measured, try it on a GPU")
 
     # Outputs.
     sample_every: int = setting(10, "epochs between sample grids and metrics")
@@ -122,7 +119,7 @@ PAPER = Config(
 )
 
 # The book's design with the changes `python main.py study` found to beat
-# doing nothing soonest (README, "Learning fast: the study"):
+# doing nothing soonest (docs/study.md):
 # - global_skip: the generator starts as the identity, not as noise, so it
 #   only has to learn the change; the one change that matters most;
 # - res_norm instance: BatchNorm at batch size 1 trains on each image's own
@@ -213,9 +210,8 @@ def validate(cfg):
 
 # Flags of the train command that are not settings of the run.
 RUN_FLAGS = {
-    "resume": "continue the run NAME from its latest checkpoint; flags that shape the networks "
-              "must stay as they were (official --continue_train)",
-    "overwrite": "start the run NAME again, deleting RESULTS_DIR/NAME and LOG_DIR/NAME",
+    "resume": "continue the run NAME from its latest checkpoint (official --continue_train)",
+    "overwrite": "start the run NAME again, deleting its results and logs",
 }
 
 

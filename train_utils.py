@@ -117,6 +117,7 @@ def fit_batch(model, x, y):
         # Keras would create them while tracing, which makes TensorFlow trace
         # the step a second time (half of a run's start-up, measured); under
         # several replicas they cannot be created in the replicated step at all.
+        # Private Keras API: tests/test_training.py and test_distribute.py pin what it buys.
         with strategy.scope():
             model._symbolic_build(data_batch=(x, y, None))
     if strategy.num_replicas_in_sync == 1:

@@ -165,3 +165,23 @@ def test_discriminator_loss_is_the_mean_of_real_and_fake(mode):
         assert loss == pytest.approx(expected, rel=1e-4)
     else:  # the fake half is judged after the real update
         assert loss != pytest.approx(expected, rel=1e-6)
+
+
+def test_fit_batch_traces_a_models_train_step_once():
+    """What fit_batch's private `_symbolic_build` call buys: one trace of the step, not two."""
+    def counted_model():
+        inputs = keras.Input((4,))
+        model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+        model.compile(optimizer="adam", loss="mse")
+        traces, step = [], model.train_step
+        model.train_step = lambda batch: (traces.append(1), step(batch))[1]
+        return model, traces
+
+    x, y = np.ones((2, 4), np.float32), np.ones((2, 2), np.float32)
+    plain, plain_traces = counted_model()
+    ours, our_traces = counted_model()
+    for _ in range(2):
+        plain.train_on_batch(x, y)
+        tu.fit_batch(ours, x, y)
+    assert len(our_traces) == 1
+    assert len(plain_traces) == 2, "Keras now traces once by itself: fit_batch's _symbolic_build can go"
