@@ -17,7 +17,6 @@ from config import UserError
 from cyclegan_layers import ReflectionPadding2D
 
 
-
 class Output(NamedTuple):
     """One output of the adversarial model and the generator loss taken on it.
 
