@@ -87,7 +87,6 @@ def step_times(gan, cfg, steps, replicas):
 def step_breakdown(gan, cfg, real_a, real_b, repeats=3):
     """Median seconds of each part of train_step, timed one part at a time."""
     fake_b, fake_a = gan.translate(real_a, real_b)
-    ones = tf.ones((real_a.shape[0],) + gan.patch_shape)
 
     def discriminators():
         gan.set_discriminators_trainable(True)
@@ -96,7 +95,7 @@ def step_breakdown(gan, cfg, real_a, real_b, repeats=3):
 
     def adversarial():
         gan.set_discriminators_trainable(False)
-        tu.fit_batch(gan.adversarial, [real_a, real_b], [ones, ones, real_a, real_b, real_a, real_b])
+        tu.fit_batch(gan.adversarial, [real_a, real_b], gan.targets(real_a, real_b))
 
     parts = {"fakes_s": lambda: [t.numpy() for t in gan.translate(real_a, real_b)],
              "discriminator_updates_s": discriminators, "adversarial_update_s": adversarial}

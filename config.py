@@ -12,58 +12,73 @@ class UserError(Exception):
     exit_code = 2
 
 
+def setting(default, help, shown=None):
+    """A Config field with its help text, for --help and the README's flag table.
+
+    `shown` stands for the default where the CLI fills it in some other way.
+    """
+    return dataclasses.field(default=default, metadata={"help": help, "shown": shown})
+
+
 @dataclass(frozen=True)
 class Config:
     # Run bookkeeping.
-    name: str = "cyclegan"
-    data: str = "demo"
-    preset: str = "book"
-    results_dir: str = "results"
-    log_dir: str = "logs"
-    seed: int = 0
+    name: str = setting("cyclegan", "run name: RESULTS_DIR/NAME, LOG_DIR/NAME", shown="dataset name")
+    data: str = setting("demo", "demo, photos, an official dataset (downloaded) or a folder with "
+                                "trainA/ and trainB/")
+    preset: str = setting("book", "book (the chapter), paper (Zhu et al.) or fast (the study's best)")
+    results_dir: str = setting("results", "where run folders go")
+    log_dir: str = setting("logs", "where TensorBoard logs go")
+    seed: int = setting(0, "seeds Python, NumPy, TensorFlow and the data order")
 
     # Data.
-    image_size: int = 128            # network input (crop) size
-    load_size: int = 0               # resize to this before a random crop; 0 = image_size, no crop
-    limit: int = 0                   # images per domain, 0 = all
+    image_size: int = setting(128, "training crop size in pixels, a multiple of 4, at least 32")
+    load_size: int = setting(0, "resize to this, then random-crop --image-size; 0: no crop")
+    limit: int = setting(0, "images per domain; 0: all")
 
     # Generator.
-    filters: int = 32                # width of the first generator conv
-    res_blocks: int = 6              # 0 = the paper's rule: 9 at >= 256 px, else 6
-    norm: str = "instance"           # encoder/decoder norm: instance | batch
-    res_norm: str = "batch"          # residual-block norm: batch | instance
-    norm_affine: bool = True         # learn scale/offset in instance norm
-    padding: str = "zero"            # zero | reflect
-    init: str = "glorot"             # glorot | normal (N(0, 0.02))
-    upsample: str = "transpose"      # transpose | resize (resize-then-conv)
-    global_skip: bool = False        # output = input + learned change (starts as the identity)
+    gen: str = setting("resnet", "generator: resnet (encoder, residual blocks, decoder)")
+    filters: int = setting(32, "width of the generator's first conv (official --ngf)")
+    res_blocks: int = setting(6, "residual blocks; 0: the paper's rule, 9 at >= 256 px, else 6")
+    norm: str = setting("instance", "norm in the generator's encoder and decoder")
+    res_norm: str = setting("batch", "norm in the residual blocks")
+    norm_affine: bool = setting(True, "learned scale and offset in instance norm")
+    padding: str = setting("zero", "padding of the generator's stride-1 convs")
+    init: str = setting("glorot", "weight init; normal: N(0, 0.02)")
+    upsample: str = setting("transpose", "transposed conv, or nearest resize then conv (no checkerboard)")
+    global_skip: bool = setting(False, "output = input + a learned change: an untrained generator "
+                                       "is the identity")
 
     # Discriminator.
-    disc: str = "book"               # book (all stride 2) | patch70 (last stride 1)
-    disc_activation: str = "sigmoid" # sigmoid | linear
+    disc: str = setting("book", "book: four stride-2 convs; patch70: the paper's 70x70 PatchGAN")
+    disc_activation: str = setting("sigmoid", "discriminator output; linear: least squares on raw scores")
 
     # Losses and optimisation.
-    lambda_cycle: float = 10.0
-    lambda_identity: float = 1.0     # absolute weight of each identity loss
-    lr: float = 2e-4
-    beta1: float = 0.5
-    batch_size: int = 1
-    epochs: int = 200                # epochs at the constant learning rate
-    decay_epochs: int = 0            # further epochs of linear decay to zero
-    steps_per_epoch: int = 0         # 0 = max(|A|, |B|) / batch_size
-    pool_size: int = 0               # image history per domain, 0 = off
-    d_update: str = "split"          # split: real and fake separately | joint: one update, loss halved
+    lambda_cycle: float = setting(10.0, "weight of each cycle loss (official --lambda_A, --lambda_B)")
+    lambda_identity: float = setting(1.0, "weight of each identity loss, absolute: the official "
+                                          "--lambda_identity 0.5 (relative to --lambda_A) is 5 here")
+    lr: float = setting(2e-4, "Adam learning rate")
+    beta1: float = setting(0.5, "Adam beta_1")
+    batch_size: int = setting(1, "images per domain per step (per replica)")
+    epochs: int = setting(200, "epochs at the constant learning rate (official --n_epochs)")
+    decay_epochs: int = setting(0, "further epochs, the learning rate decaying linearly to 0 "
+                                   "(official --n_epochs_decay)")
+    steps_per_epoch: int = setting(0, "0: max(|A|, |B|) / batch size")
+    pool_size: int = setting(0, "generated images kept per domain to train D on; 0: none")
+    d_update: str = setting("split", "split: D on real, then on fake; joint: one update on both, "
+                                     "loss halved")
 
     # Devices and speed.
-    strategy: str = "default"        # default | mirrored (all local GPUs) | multiworker (TF_CONFIG)
-    mixed_precision: bool = False    # mixed_float16 compute, float32 weights and losses (GPU)
-    jit_compile: bool = False        # XLA; slower on the 2-core CPU measured, try it on a GPU
+    strategy: str = setting("default", "default: one device; mirrored: all local GPUs; multiworker: "
+                                       "TF_CONFIG's machines")
+    mixed_precision: bool = setting(False, "mixed_float16 compute, float32 weights and losses (GPU)")
+    jit_compile: bool = setting(False, "XLA; slower on the CPU measured, try it on a GPU")
 
     # Outputs.
-    sample_every: int = 10           # epochs
-    save_every: int = 10             # epochs
-    log_every: int = 1               # steps between TensorBoard scalars
-    checkpoint_every: int = 0        # steps between checkpoints, 0 = each epoch
+    sample_every: int = setting(10, "epochs between sample grids and metrics")
+    save_every: int = setting(10, "epochs between .h5 saves of the four networks")
+    log_every: int = setting(1, "steps between TensorBoard scalars")
+    checkpoint_every: int = setting(0, "steps between checkpoints; 0: each epoch")
 
     @property
     def total_epochs(self):
@@ -78,12 +93,6 @@ class Config:
         if self.res_blocks:
             return self.res_blocks
         return 9 if self.image_size >= 256 else 6
-
-    @property
-    def loss_weights(self):
-        """Weights of the adversarial model's six outputs, in output order."""
-        c, i = self.lambda_cycle, self.lambda_identity
-        return [1.0, 1.0, c, c, i, i]
 
 
 # The chapter's code with its bugs fixed: Config's defaults.
@@ -110,7 +119,7 @@ PAPER = Config(
 )
 
 # The book's design with the changes `python main.py study` found to beat
-# doing nothing soonest (README, "Learning fast: the study"):
+# doing nothing soonest (docs/study.md):
 # - global_skip: the generator starts as the identity, not as noise, so it
 #   only has to learn the change; the one change that matters most;
 # - res_norm instance: BatchNorm at batch size 1 trains on each image's own
@@ -135,7 +144,7 @@ PRESETS = {"book": BOOK, "paper": PAPER, "fast": FAST}
 DEMO_DEFAULTS = dict(image_size=32, epochs=4, sample_every=1, save_every=2)
 
 # Settings that shape the networks or the data they see: a resumed run must keep them.
-ARCHITECTURE_FIELDS = ("image_size", "filters", "res_blocks", "norm", "res_norm", "norm_affine",
+ARCHITECTURE_FIELDS = ("image_size", "gen", "filters", "res_blocks", "norm", "res_norm", "norm_affine",
                        "padding", "upsample", "global_skip", "disc", "disc_activation", "pool_size",
                        "batch_size")
 # Settings a resumed run must keep as well: the data and its order, and the
@@ -154,7 +163,10 @@ NUMBER_RANGES = {
     "lambda_identity": (lambda v: 0 <= v <= 1e4, "from 0 to 10000"),
 }
 
+# The names of models.GENERATORS and models.DISCRIMINATORS are repeated in
+# CHOICES so that the CLI can check flags before importing TensorFlow.
 CHOICES = {
+    "gen": ("resnet",),
     "norm": ("instance", "batch"),
     "res_norm": ("batch", "instance"),
     "padding": ("zero", "reflect"),
@@ -221,3 +233,64 @@ def validate(cfg):
     for field, options in CHOICES.items():
         if getattr(cfg, field) not in options:
             raise UserError(f"{flag(field)} must be one of {', '.join(options)}")
+
+
+# --- Help text: `main.py train --help` and the README's flag table -----------
+
+# Flags of the train command that are not settings of the run.
+RUN_FLAGS = {
+    "resume": "continue the run NAME from its latest checkpoint (official --continue_train)",
+    "overwrite": "start the run NAME again, deleting its results and logs",
+}
+
+
+def show(value):
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def shown_defaults(field):
+    """{"book": ..., "paper": ..., "fast": ..., "demo": ...}: the book default as shown, and
+    the other presets' and the demo data's values only where they differ from it."""
+    shown = {"book": field.metadata["shown"] or show(field.default)}
+    for preset, cfg in PRESETS.items():
+        if field.name != "preset" and getattr(cfg, field.name) != field.default:
+            shown[preset] = show(getattr(cfg, field.name))
+    if field.name in DEMO_DEFAULTS:
+        shown["demo"] = show(DEMO_DEFAULTS[field.name])
+    return shown
+
+
+def flag_help(field):
+    """The --help line of a Config field: its meaning, then its defaults."""
+    defaults = shown_defaults(field)
+    values = "; ".join(f"{where} {value}" for where, value in defaults.items() if where != "book")
+    extra = f"; {values.replace('demo ', 'demo data ')}" if values else ""
+    return f"{field.metadata['help']} (default {defaults['book']}{extra})"
+
+
+def flag_name(name, value):
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--[no-]{flag[2:]}"
+    return f"{flag} {{{','.join(CHOICES[name])}}}" if name in CHOICES else flag
+
+
+def flags_markdown():
+    """The README's table of the train command's flags, made from Config's help texts."""
+    def cell(text):
+        return text.replace("|", "\\|")
+    rows = ["| flag | book (default) | paper | fast | meaning |", "|---|---|---|---|---|"]
+    for field in dataclasses.fields(Config):
+        defaults = shown_defaults(field)
+        book = defaults["book"] + (f" (demo: {defaults['demo']})" if "demo" in defaults else "")
+        rows.append(f"| `{flag_name(field.name, field.default)}` | {cell(book)} | "
+                    f"{defaults.get('paper', '')} | {defaults.get('fast', '')} | "
+                    f"{cell(field.metadata['help'])} |")
+    rows += [f"| `--{name}` | off |  |  | {cell(text)} |" for name, text in RUN_FLAGS.items()]
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    print(flags_markdown())  # paste into README.md; tests/test_config.py checks that it matches

@@ -18,6 +18,7 @@ import tensorflow as tf
 from PIL import Image, UnidentifiedImageError
 
 from config import UserError
+from fileio import atomic_write
 
 OFFICIAL_DATASETS = (
     "apple2orange", "summer2winter_yosemite", "horse2zebra", "monet2photo",
@@ -51,17 +52,15 @@ class SkippedImagesWarning(UserWarning):
 
 def resolve_dataset(data, datasets_dir="datasets"):
     """Path of the dataset folder for `--data`: a path, `demo`, or an official name."""
-    if data == "demo":
-        return make_demo_dataset(Path(datasets_dir) / "demo")
-    if data == "photos":
-        return make_photo_dataset(Path(datasets_dir) / "photos")
+    if data in GENERATED_DATASETS:
+        return GENERATED_DATASETS[data](Path(datasets_dir) / data)
     if data in OFFICIAL_DATASETS:
         folder = Path(datasets_dir) / data
         return folder if folder.is_dir() else download_official(data, datasets_dir)
     folder = Path(data)
     if not folder.is_dir():
-        raise DataError(f"--data {data!r} is neither a folder nor one of: demo, photos, "
-                        + ", ".join(OFFICIAL_DATASETS))
+        raise DataError(f"--data {data!r} is neither a folder nor one of: "
+                        + ", ".join((*GENERATED_DATASETS, *OFFICIAL_DATASETS)))
     return folder
 
 
@@ -491,6 +490,10 @@ def make_photo_dataset(folder, photos=None):
     return write_paired_dataset(folder, items())
 
 
+# Datasets made on the spot, by --data name: a new source is a function and a line here.
+GENERATED_DATASETS = {"demo": make_demo_dataset, "photos": make_photo_dataset}
+
+
 def write_png(path, image):
     tf.io.write_file(str(path), tf.io.encode_png(image))
 
@@ -508,16 +511,14 @@ def read_image(path):
     return pixels.astype(np.float32) / 127.5 - 1.0
 
 
-def atomic_path(path):
-    """A temporary sibling to write to before `os.replace`, keeping the suffix."""
-    path = Path(path)
-    return path.with_name(f".{path.stem}.tmp{path.suffix}")
+def to_unit(images):
+    """[-1, 1] network pixels back to [0, 1] for display and scoring."""
+    return np.clip((np.asarray(images) + 1.0) / 2.0, 0.0, 1.0)
 
 
 def write_image(path, image):
     """Write a [-1, 1] image; the file name's extension picks the format."""
     from PIL import Image
     pixels = np.round((np.clip(image, -1, 1) + 1) * 127.5).astype(np.uint8)
-    tmp = atomic_path(path)
-    Image.fromarray(pixels).save(tmp, format=Image.registered_extensions().get(Path(path).suffix.lower(), "PNG"))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        Image.fromarray(pixels).save(tmp, format=Image.registered_extensions().get(Path(path).suffix.lower(), "PNG"))

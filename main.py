@@ -37,11 +37,12 @@ def add_config_flags(parser):
     """One flag per Config field, defaulting to None so presets fill the gaps."""
     for field in dataclasses.fields(config.Config):
         flag = "--" + field.name.replace("_", "-")
+        text = config.flag_help(field).replace("%", "%%")
         if field.type is bool or isinstance(field.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             parser.add_argument(flag, type=type(field.default), default=None,
-                                choices=config.CHOICES.get(field.name))
+                                choices=config.CHOICES.get(field.name), help=text)
 
 
 def add_evaluate_flags(parser):
@@ -59,7 +60,7 @@ def add_study_flags(parser):
     # Defaults live in study.py, imported only once TensorFlow is (quietly).
     parser.add_argument("--datasets", nargs="+",
                         help="datasets with a paired truth (default: demo photos)")
-    parser.add_argument("--variants", nargs="+", help="variants to train (default: all; see README)")
+    parser.add_argument("--variants", nargs="+", help="variants to train (default: all; see docs/study.md)")
     parser.add_argument("--steps", type=int, help="training steps per variant (default: 160)")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
@@ -71,10 +72,8 @@ def build_parser():
     commands = parser.add_subparsers(dest="command")
     train = commands.add_parser("train", help="train a CycleGAN (default)")
     add_config_flags(train)
-    train.add_argument("--overwrite", action="store_true",
-                       help="start the run NAME again, replacing its results")
-    train.add_argument("--resume", action="store_true",
-                       help="continue the run NAME from its latest checkpoint")
+    for name, text in config.RUN_FLAGS.items():
+        train.add_argument(f"--{name}", action="store_true", help=text)
     bench = commands.add_parser("benchmark", help="time the training step and input pipeline")
     add_config_flags(bench)
     bench.add_argument("--steps", type=int, default=10, help="timed training steps")
@@ -196,10 +195,9 @@ def clear_run(cfg, entries):
 
 
 def save_config(cfg, paths):
-    import data
-    tmp = data.atomic_path(paths["config"])
-    tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-    os.replace(tmp, paths["config"])
+    from fileio import atomic_write
+    with atomic_write(paths["config"]) as tmp:
+        tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
 
 
 def sample_files(root, domain, cfg, count):
@@ -281,7 +279,7 @@ def run_training(cfg, root, files_a, files_b, paths, resume):
                     sums[key] += value
                 if step % cfg.log_every == 0:
                     logger.scalars({**losses, "learning_rate": lr}, step)
-                bar.update(i + 1, [(k, losses[k]) for k in ("D_A", "D_B", "G_total")])
+                bar.update(i + 1, [(k, losses[k]) for k in tu.PROGRESS_NAMES])
                 mid_epoch = i + 1 < steps  # at its end, the epoch's outputs come first
                 if mid_epoch and (step % checkpoint_every == 0 or stop.requested):
                     checkpoint.save(step)
@@ -409,14 +407,14 @@ def evaluate(args):
 
 # --- benchmark -------------------------------------------------------------
 
-def benchmark(args):
-    import benchmark as bench
+def benchmark_command(args):
+    import benchmark
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config.Config)}
     cfg = config.make_config(given.pop("preset") or "book", **given)
     if args.steps < 1 or args.pipeline_images < 1:
         raise CliError("--steps and --pipeline-images must be at least 1")
-    figures = bench.run_benchmark(cfg, args.steps, args.pipeline_images)
-    print(json.dumps(figures, indent=2) if args.json else bench.format_figures(figures))
+    figures = benchmark.run_benchmark(cfg, args.steps, args.pipeline_images)
+    print(json.dumps(figures, indent=2) if args.json else benchmark.format_figures(figures))
 
 
 # --- summary ---------------------------------------------------------------
@@ -429,20 +427,19 @@ def summary(preset, image_size):
         print(f"{model.name} params={model.count_params()}")
     print(f"discriminator output={'x'.join(map(str, gan.patch_shape))} "
           f"receptive_field={models.receptive_field(gan.d_a)}px at {cfg.image_size}px input")
-    for name, loss, weight in zip(models.OUTPUT_NAMES, models.OUTPUT_LOSSES, cfg.loss_weights):
-        print(f"adversarial output {name}: loss={loss} weight={weight:g}")
+    for output, weight in zip(models.OUTPUTS, models.loss_weights(cfg)):
+        print(f"adversarial output {output.name}: loss={output.loss} weight={weight:g}")
 
 
 # --- study -----------------------------------------------------------------
 
-def study(args):
-    import study as study_module
-    steps = study_module.DEFAULT_STEPS if args.steps is None else args.steps
+def study_command(args):
+    import study
+    steps = study.DEFAULT_STEPS if args.steps is None else args.steps
     if steps < 2:
         raise CliError(f"--steps must be at least 2, got {steps}")
-    study_module.run_study(args.datasets or study_module.DATASETS,
-                           args.variants or tuple(study_module.VARIANTS),
-                           args.image_size, steps, args.seed)
+    study.run_study(args.datasets or study.DATASETS, args.variants or tuple(study.VARIANTS),
+                    args.image_size, steps, args.seed)
 
 
 def main(argv=None):
@@ -454,11 +451,11 @@ def main(argv=None):
         elif args.command == "evaluate":
             evaluate(args)
         elif args.command == "benchmark":
-            benchmark(args)
+            benchmark_command(args)
         elif args.command == "summary":
             summary(args.preset, args.image_size)
         elif args.command == "study":
-            study(args)
+            study_command(args)
         else:
             train(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
     except config.UserError as error:

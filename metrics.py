@@ -6,7 +6,6 @@ Names end in the domain of the images scored: cycle_L1_A is A->B->A.
 import datetime
 import html
 import json
-import os
 from collections import defaultdict
 from pathlib import Path
 from urllib.parse import quote
@@ -16,8 +15,8 @@ import tensorflow as tf
 
 import data
 from config import UserError
-from data import atomic_path
-from train_utils import to_unit
+from data import to_unit
+from fileio import atomic_write
 
 EVAL_BATCH = 8          # images per generator call: memory stays flat on any test set
 PROBE_IMAGES = 8        # per domain, scored at every sample epoch of a training run
@@ -216,8 +215,9 @@ def distribution_scores(model, g_ab, g_ba, files_a, files_b, size):
 # --- Reporting -------------------------------------------------------------
 
 def table_rows(scores):
-    """(label, value) pairs in a fixed order, for the scores present."""
-    return [(label, f"{scores[name]:.4g}") for name, label in LABELS.items() if name in scores]
+    """(label, value) pairs: the LABELS scores present in their order, then any others by name."""
+    names = [n for n in LABELS if n in scores] + [n for n in scores if n not in LABELS]
+    return [(LABELS.get(name, name), f"{scores[name]:.4g}") for name in names]
 
 
 def format_table(scores):
@@ -235,9 +235,8 @@ def truth_verdict(scores):
 
 def save_scores(path, scores, source):
     """metrics.json: the scores and what they were measured on, written whole."""
-    tmp = atomic_path(path)
-    tmp.write_text(json.dumps({"source": source, "metrics": scores}, indent=2))
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps({"source": source, "metrics": scores}, indent=2))
 
 
 def track(gan, probe, run, logger, step, epoch):
@@ -286,9 +285,8 @@ def write_results_page(run):
     page = ("<!DOCTYPE html><html><head><meta charset=\"utf-8\">"
             f"<title>{html.escape(run.name)}</title><style>{PAGE_STYLE}</style></head><body>\n"
             + "\n".join(parts) + "\n</body></html>\n")
-    tmp = atomic_path(run / "index.html")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, run / "index.html")
+    with atomic_write(run / "index.html") as tmp:
+        tmp.write_text(page, encoding="utf-8")
 
 
 PAGE_STYLE = ("body{font-family:sans-serif;margin:2em;max-width:60em}"

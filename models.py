@@ -3,7 +3,10 @@
 Every builder is a pure function of a `config.Config`; nothing here trains.
 """
 import contextlib
+import functools
 from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable, NamedTuple, Optional
 
 import keras
 import numpy as np
@@ -13,8 +16,36 @@ from keras import layers
 from config import UserError
 from cyclegan_layers import ReflectionPadding2D
 
-OUTPUT_NAMES = ("adv_A", "adv_B", "cycle_A", "cycle_B", "identity_A", "identity_B")
-OUTPUT_LOSSES = ("mse", "mse", "mae", "mae", "mae", "mae")
+
+class Output(NamedTuple):
+    """One output of the adversarial model and the generator loss taken on it.
+
+    `compute` builds the output from `t`, which holds the networks g_ab, g_ba,
+    d_a, d_b and the tensors real_a, real_b, fake_a = g_ba(real_b), fake_b = g_ab(real_a).
+    """
+    name: str
+    loss: str
+    weight: Optional[str]  # the Config field that weights the loss; None: 1
+    target: str            # "ones" (the discriminator's "real"), "real_A" or "real_B"
+    compute: Callable
+
+
+# The generator's losses, declared once: a new loss term is a new row.
+OUTPUTS = (
+    Output("adv_A", "mse", None, "ones", lambda t: t.d_a(t.fake_a)),
+    Output("adv_B", "mse", None, "ones", lambda t: t.d_b(t.fake_b)),
+    Output("cycle_A", "mae", "lambda_cycle", "real_A", lambda t: t.g_ba(t.fake_b)),
+    Output("cycle_B", "mae", "lambda_cycle", "real_B", lambda t: t.g_ab(t.fake_a)),
+    Output("identity_A", "mae", "lambda_identity", "real_A", lambda t: t.g_ba(t.real_a)),
+    Output("identity_B", "mae", "lambda_identity", "real_B", lambda t: t.g_ab(t.real_b)),
+)
+OUTPUT_NAMES = tuple(o.name for o in OUTPUTS)
+OUTPUT_LOSSES = tuple(o.loss for o in OUTPUTS)
+
+
+def loss_weights(cfg):
+    """The weight of each output's loss, in OUTPUTS order."""
+    return [float(getattr(cfg, o.weight)) if o.weight else 1.0 for o in OUTPUTS]
 
 
 def kernel_init(cfg):
@@ -80,7 +111,12 @@ def upsample_block(x, filters, cfg):
 
 
 def build_generator(cfg, name="generator"):
-    """Encoder, residual blocks, decoder; any input size divisible by 4."""
+    """The generator that --gen names (GENERATORS); any input size divisible by 4."""
+    return GENERATORS[cfg.gen](cfg, name)
+
+
+def resnet_generator(cfg, name):
+    """Encoder, residual blocks, decoder, as the chapter and the paper."""
     inputs = keras.Input((None, None, 3), name="image")
     f = cfg.filters
     x = conv_norm_relu(inputs, f, 7, 1, cfg)
@@ -107,26 +143,37 @@ def change_of_input(inputs, x, cfg):
     return layers.Activation("hard_tanh", dtype="float32")(layers.Add()([inputs, change]))
 
 
-def disc_strides(cfg):
-    """Strides of the three normalised conv blocks: the 70x70 PatchGAN's last is 1."""
-    return (2, 2, 1) if cfg.disc == "patch70" else (2, 2, 2)
-
-
 def build_discriminator(cfg, name="discriminator"):
-    """PatchGAN: one real/fake score per overlapping image patch."""
+    """The discriminator that --disc names (DISCRIMINATORS)."""
+    return DISCRIMINATORS[cfg.disc](cfg, name)
+
+
+def patch_discriminator(cfg, name, strides):
+    """PatchGAN: one real/fake score per overlapping image patch.
+
+    `strides`: of the three normalised conv blocks.
+    """
     inputs = keras.Input((cfg.image_size, cfg.image_size, 3), name="image")
     x = layers.ZeroPadding2D(1)(inputs)
     x = layers.Conv2D(64, 4, 2, kernel_initializer=kernel_init(cfg))(x)
     x = layers.LeakyReLU(0.2)(x)
-    for i, strides in enumerate(disc_strides(cfg), start=1):
+    for i, stride in enumerate(strides, start=1):
         x = layers.ZeroPadding2D(1)(x)
-        x = layers.Conv2D(64 * 2 ** i, 4, strides, kernel_initializer=kernel_init(cfg))(x)
+        x = layers.Conv2D(64 * 2 ** i, 4, stride, kernel_initializer=kernel_init(cfg))(x)
         x = norm_layer("instance", cfg)(x)
         x = layers.LeakyReLU(0.2)(x)
     x = layers.ZeroPadding2D(1)(x)
     outputs = layers.Conv2D(1, 4, 1, activation=cfg.disc_activation, dtype="float32",
                             kernel_initializer=kernel_init(cfg))(x)
     return keras.Model(inputs, outputs, name=name)
+
+
+# Builders by name: a new architecture is a function here plus its name in config.CHOICES.
+GENERATORS = {"resnet": resnet_generator}
+DISCRIMINATORS = {
+    "book": functools.partial(patch_discriminator, strides=(2, 2, 2)),
+    "patch70": functools.partial(patch_discriminator, strides=(2, 2, 1)),  # the paper's 70x70
+}
 
 
 def receptive_field(model):
@@ -148,15 +195,14 @@ def build_adversarial_model(g_ab, g_ba, d_a, d_b, cfg):
     shape = (cfg.image_size, cfg.image_size, 3)
     real_a = keras.Input(shape, name="real_A")
     real_b = keras.Input(shape, name="real_B")
-    fake_b = g_ab(real_a)
-    fake_a = g_ba(real_b)
-    outputs = [d_a(fake_a), d_b(fake_b), g_ba(fake_b), g_ab(fake_a), g_ba(real_a), g_ab(real_b)]
-    outputs = [layers.Identity(name=n)(o) for n, o in zip(OUTPUT_NAMES, outputs)]
+    t = SimpleNamespace(g_ab=g_ab, g_ba=g_ba, d_a=d_a, d_b=d_b, real_a=real_a, real_b=real_b,
+                        fake_a=g_ba(real_b), fake_b=g_ab(real_a))
+    outputs = [layers.Identity(name=o.name)(o.compute(t)) for o in OUTPUTS]
     d_a.trainable = False
     d_b.trainable = False
     model = keras.Model([real_a, real_b], outputs, name="adversarial")
     model.compile(optimizer=make_optimizer(cfg), loss=list(OUTPUT_LOSSES),
-                  loss_weights=cfg.loss_weights, jit_compile=cfg.jit_compile)
+                  loss_weights=loss_weights(cfg), jit_compile=cfg.jit_compile)
     return model
 
 
@@ -183,6 +229,12 @@ class CycleGAN:
     def patch_shape(self):
         """Discriminator output shape (no batch axis): the shape of its labels."""
         return tuple(self.d_a.output.shape[1:])
+
+    def targets(self, real_a, real_b):
+        """The adversarial model's targets for a batch, in OUTPUTS order."""
+        known = {"ones": tf.ones((real_a.shape[0],) + self.patch_shape),
+                 "real_A": real_a, "real_B": real_b}
+        return [known[o.target] for o in OUTPUTS]
 
     def set_discriminators_trainable(self, flag):
         # Keras 3 (unlike Keras 2) takes `trainable` from the moment a model's

@@ -20,12 +20,14 @@ import tensorflow as tf  # noqa: E402
 import data  # noqa: E402
 import models  # noqa: E402
 from config import UserError  # noqa: E402
-from data import atomic_path  # noqa: E402
+from fileio import atomic_write  # noqa: E402
 from models import OUTPUT_NAMES  # noqa: E402
 
 D_LOSS_NAMES = ("D_A", "D_B")
-G_LOSS_NAMES = OUTPUT_NAMES + ("G_total",)
+G_TOTAL = "G_total"
+G_LOSS_NAMES = OUTPUT_NAMES + (G_TOTAL,)
 LOSS_NAMES = D_LOSS_NAMES + G_LOSS_NAMES
+PROGRESS_NAMES = D_LOSS_NAMES + (G_TOTAL,)  # shown on the progress bar
 MODEL_FILES = {"g_ab": "generatorAToB.h5", "g_ba": "generatorBToA.h5",
                "d_a": "discriminatorA.h5", "d_b": "discriminatorB.h5"}
 
@@ -119,6 +121,7 @@ def fit_batch(model, x, y):
         # Keras would create them while tracing, which makes TensorFlow trace
         # the step a second time (half of a run's start-up, measured); under
         # several replicas they cannot be created in the replicated step at all.
+        # Private Keras API: tests/test_training.py and test_distribute.py pin what it buys.
         with strategy.scope():
             model._symbolic_build(data_batch=(x, y, None))
     if strategy.num_replicas_in_sync == 1:
@@ -155,10 +158,9 @@ def train_step(gan, real_a, real_b, pools, cfg):
     losses = {"D_A": update_discriminator(gan.d_a, real_a, fake_a, cfg),
               "D_B": update_discriminator(gan.d_b, real_b, fake_b, cfg)}
     gan.set_discriminators_trainable(False)
-    ones = tf.ones((real_a.shape[0],) + gan.patch_shape)
-    g = fit_batch(gan.adversarial, [real_a, real_b], [ones, ones, real_a, real_b, real_a, real_b])
+    g = fit_batch(gan.adversarial, [real_a, real_b], gan.targets(real_a, real_b))
     losses.update({name: g[f"{name}_loss"] for name in OUTPUT_NAMES})
-    losses["G_total"] = g["loss"]
+    losses[G_TOTAL] = g["loss"]
     return losses
 
 
@@ -344,12 +346,10 @@ class LossHistory:
     def append(self, epoch, means):
         rows = self.read_rows() if self.path.exists() else {}
         rows[epoch] = [f"{means[k]:.6g}" for k in LOSS_NAMES]
-        tmp = atomic_path(self.path)
-        with open(tmp, "w", newline="") as f:
+        with atomic_write(self.path) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(("epoch",) + LOSS_NAMES)
             writer.writerows([e] + values for e, values in sorted(rows.items()))
-        os.replace(tmp, self.path)
 
     def read_rows(self):
         with open(self.path, newline="") as f:
@@ -357,20 +357,20 @@ class LossHistory:
 
     def read(self):
         rows = sorted(self.read_rows().items())
-        data = {"epoch": np.array([e for e, _ in rows], float)}
+        columns = {"epoch": np.array([e for e, _ in rows], float)}
         for i, name in enumerate(LOSS_NAMES):
-            data[name] = np.array([float(values[i]) for _, values in rows])
-        return data
+            columns[name] = np.array([float(values[i]) for _, values in rows])
+        return columns
 
 
 def save_loss_curves(history, path):
     """Discriminator and generator loss curves per epoch, one picture."""
-    data = history.read()
+    columns = history.read()
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for name in D_LOSS_NAMES:
-        axes[0].plot(data["epoch"], data[name], label=name)
+        axes[0].plot(columns["epoch"], columns[name], label=name)
     for name in G_LOSS_NAMES:
-        axes[1].plot(data["epoch"], data[name], label=name)
+        axes[1].plot(columns["epoch"], columns[name], label=name)
     for ax, title in zip(axes, ("Discriminators", "Generators")):
         ax.set(title=title, xlabel="epoch", ylabel="mean loss")
         ax.legend(fontsize="small")
@@ -378,15 +378,9 @@ def save_loss_curves(history, path):
 
 
 def save_figure(fig, path):
-    tmp = atomic_path(path)
-    fig.savefig(tmp, format=Path(path).suffix[1:], bbox_inches="tight")
+    with atomic_write(path) as tmp:
+        fig.savefig(tmp, format=Path(path).suffix[1:], bbox_inches="tight")
     plt.close(fig)
-    os.replace(tmp, path)
-
-
-def to_unit(images):
-    """[-1, 1] network pixels back to [0, 1] for display."""
-    return np.clip((np.asarray(images) + 1.0) / 2.0, 0.0, 1.0)
 
 
 def save_sample_grid(gan, batch_a, batch_b, path, title):
@@ -406,7 +400,7 @@ def save_sample_grid(gan, batch_a, batch_b, path, title):
                              layout="constrained")
     for ax_row, row in zip(axes, rows):
         for ax, (image, label) in zip(ax_row, row):
-            ax.imshow(to_unit(image))
+            ax.imshow(data.to_unit(image))
             ax.set_title(label, fontsize=9)
             ax.axis("off")
     fig.suptitle(title)
@@ -419,11 +413,9 @@ def save_models(gan, folder):
     folder.mkdir(parents=True, exist_ok=True)
     gan.set_discriminators_trainable(True)  # a reloaded discriminator should train
     for attr, filename in MODEL_FILES.items():
-        tmp = atomic_path(folder / filename)
         # .h5 on purpose (the chapter's format); Keras's "legacy format" note is noise here.
-        with silence_absl_warnings():
+        with atomic_write(folder / filename) as tmp, silence_absl_warnings():
             getattr(gan, attr).save(tmp)
-        os.replace(tmp, folder / filename)
 
 
 @contextlib.contextmanager

@@ -1,7 +1,11 @@
-"""Shared fixtures: the project on sys.path and small image datasets made on the spot."""
+"""Shared fixtures and helpers: the project on sys.path, small image datasets made on the
+spot, running the CLI, reading what a run wrote (TensorBoard events, the results page)."""
 import os
+import subprocess
 import sys
+from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import numpy as np
 import pytest
@@ -59,3 +63,53 @@ def tiny_data(folder):
     """A minimal dataset: 4 A, 3 B, one test image each, 40 px."""
     for i, (sub, count) in enumerate((("trainA", 4), ("trainB", 3), ("testA", 1), ("testB", 1))):
         write_images(folder / sub, count, size=40, seed=i)
+
+
+# --- Running the command line -----------------------------------------------
+
+ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
+
+
+def run_cli(*args, cwd, check=True):
+    result = subprocess.run([sys.executable, str(ROOT / "main.py"), *map(str, args)],
+                            cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def one_line_error(args, capsys, code=2):
+    """Run main.main in this process; returns its stderr after checking it is one error line."""
+    import main
+    assert main.main([str(a) for a in args]) == code
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.strip().count("\n") == 0, err
+    return err
+
+
+# --- Reading what a run wrote ------------------------------------------------
+
+def read_tensorboard(folder):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(folder), size_guidance={"tensors": 0})
+    events.Reload()
+    return events
+
+
+class Links(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.targets = []
+
+    def handle_starttag(self, tag, attrs):
+        self.targets += [v for k, v in attrs if k in ("href", "src")]
+
+
+def page_links(page):
+    """Every href/src of the page, each checked to be a relative link to an existing file."""
+    parser = Links()
+    parser.feed(page.read_text())
+    for target in parser.targets:
+        assert not urlparse(target).scheme and not target.startswith("/"), target
+        assert (page.parent / unquote(target)).is_file(), target
+    return parser.targets

@@ -7,7 +7,7 @@ import pytest
 import benchmark
 import models
 from config import make_config
-from test_cli import run_cli
+from conftest import run_cli
 
 FIGURES = ("seconds_per_iteration", "seconds_per_iteration_min", "seconds_per_iteration_max",
            "iterations_per_s", "images_per_s", "gflop_per_iteration", "achieved_gflop_s",

@@ -1,37 +1,13 @@
 """The command line as a user runs it: real processes, real files."""
 import json
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, tiny_data, write_images
-from test_metrics import page_links
-from test_training import read_tensorboard
+from conftest import ROOT, one_line_error, page_links, read_tensorboard, run_cli, tiny_data, write_images
 
 import main
-
-ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
-
-
-def run_cli(*args, cwd, check=True):
-    result = subprocess.run([sys.executable, str(ROOT / "main.py"), *map(str, args)],
-                            cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
-    if check and result.returncode != 0:
-        raise AssertionError(f"exit {result.returncode}\n{result.stdout}\n{result.stderr}")
-    return result
-
-
-def one_line_error(args, capsys, code=2):
-    """Run main.main in this process; returns its stderr after checking it is one error line."""
-    assert main.main([str(a) for a in args]) == code
-    err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.strip().count("\n") == 0, err
-    return err
-
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):

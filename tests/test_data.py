@@ -293,3 +293,7 @@ def test_a_file_name_that_is_not_utf8_is_read(tmp_path):
     cfg = make_config(image_size=32)
     batch, _ = next(iter(data.train_dataset([file], [file], cfg)))
     assert batch.shape == (1, 32, 32, 3)
+
+
+def test_to_unit_maps_network_range_to_display_range():
+    np.testing.assert_allclose(data.to_unit(np.array([-1.0, 0.0, 1.0, 2.0])), [0, 0.5, 1, 1])

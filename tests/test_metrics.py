@@ -1,8 +1,6 @@
 """Quality numbers checked against independent computations; the results page's links."""
 import json
-from html.parser import HTMLParser
 from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 import keras
 import numpy as np
@@ -14,8 +12,7 @@ import metrics
 import models
 import train_utils as tu
 from config import UserError, make_config
-from conftest import write_images
-from test_training import read_tensorboard
+from conftest import page_links, read_tensorboard, write_images
 
 
 def scaling_model(factor):
@@ -163,25 +160,6 @@ def test_distribution_scores_compare_translated_with_real_features(tmp_path):
 
 # --- Training hook and the results page ------------------------------------
 
-class Links(HTMLParser):
-    def __init__(self):
-        super().__init__()
-        self.targets = []
-
-    def handle_starttag(self, tag, attrs):
-        self.targets += [v for k, v in attrs if k in ("href", "src")]
-
-
-def page_links(page):
-    """Every href/src of the page, each checked to be a relative link to an existing file."""
-    parser = Links()
-    parser.feed(page.read_text())
-    for target in parser.targets:
-        assert not urlparse(target).scheme and not target.startswith("/"), target
-        assert (page.parent / unquote(target)).is_file(), target
-    return parser.targets
-
-
 def test_track_logs_scores_saves_them_and_builds_the_page(tmp_path):
     keras.utils.set_random_seed(0)
     cfg = make_config(image_size=32)
@@ -212,3 +190,14 @@ def test_track_logs_scores_saves_them_and_builds_the_page(tmp_path):
     assert links == ["config.json", "metrics.json", "samples/epoch_0002.png", "samples/epoch_0001.png"]
     assert "G_AB(A) vs truth, PSNR dB" in (run / "index.html").read_text()
     assert not list(run.glob(".*tmp*"))
+
+
+def test_a_metric_missing_from_labels_still_shows_in_the_table_and_on_the_page(tmp_path):
+    scores = {"new_score": 0.125, "cycle_L1_A": 0.25}
+    assert metrics.format_table(scores).splitlines() == [
+        "cycle A->B->A, L1  0.25", "new_score          0.125"]
+    metrics.save_scores(tmp_path / "metrics.json", scores, "test")
+    metrics.write_results_page(tmp_path)
+    page = (tmp_path / "index.html").read_text()
+    assert "<th>new_score</th><td>0.125</td>" in page
+    assert "<th>cycle A-&gt;B-&gt;A, L1</th><td>0.25</td>" in page

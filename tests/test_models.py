@@ -1,8 +1,11 @@
+import dataclasses
+
 import numpy as np
 import pytest
 
 import keras
 
+import config
 from config import make_config
 import models
 
@@ -85,6 +88,10 @@ def test_adversarial_model_outputs_losses_and_weights():
     assert list(adv.loss) == ["mse", "mse", "mae", "mae", "mae", "mae"]
     assert adv.get_compile_config()["loss_weights"] == [1, 1, 10, 10, 1, 1]
     assert [tuple(t.shape[1:]) for t in adv.outputs] == [gan.patch_shape] * 2 + [(32, 32, 3)] * 4
+    real_a, real_b = np.full((2, 32, 32, 3), -0.5, np.float32), np.full((2, 32, 32, 3), 0.5, np.float32)
+    targets = gan.targets(real_a, real_b)
+    assert [tuple(t.shape[1:]) for t in targets] == [tuple(t.shape[1:]) for t in adv.outputs]
+    assert [float(np.mean(t)) for t in targets] == pytest.approx([1.0, 1.0, -0.5, 0.5, -0.5, 0.5])
     # Each compiled model has an optimizer of its own, Adam(2e-4, beta_1=0.5).
     optimizers = [gan.d_a.optimizer, gan.d_b.optimizer, adv.optimizer]
     assert len({id(o) for o in optimizers}) == 3
@@ -133,7 +140,7 @@ def test_discriminators_train_only_in_their_own_step_and_generators_in_the_adver
     assert set(losses) == {"D_A", "D_B", "adv_A", "adv_B", "cycle_A", "cycle_B",
                            "identity_A", "identity_B", "G_total"}
     assert all(np.isfinite(v) for v in losses.values())
-    weighted = sum(w * losses[n] for w, n in zip(cfg.loss_weights, models.OUTPUT_NAMES))
+    weighted = sum(w * losses[n] for w, n in zip(models.loss_weights(cfg), models.OUTPUT_NAMES))
     assert losses["G_total"] == pytest.approx(weighted, rel=1e-4)
 
 
@@ -147,3 +154,13 @@ def test_keras3_trap_a_discriminator_frozen_at_its_first_update_never_learns():
     before = weights(d)
     d.train_on_batch(x, np.ones((1,) + tuple(d.output.shape[1:]), np.float32))
     assert not changed(before, d)
+
+
+def test_every_architecture_choice_has_a_builder():
+    assert config.CHOICES["gen"] == tuple(models.GENERATORS)
+    assert config.CHOICES["disc"] == tuple(models.DISCRIMINATORS)
+    cfg = build(image_size=32)
+    assert models.build_generator(cfg).name == "generator"
+    book = models.build_discriminator(cfg).output.shape[1]
+    patch70 = models.build_discriminator(dataclasses.replace(cfg, disc="patch70")).output.shape[1]
+    assert patch70 > book  # its last block keeps the resolution

@@ -3,8 +3,7 @@ import json
 import subprocess
 import sys
 
-from conftest import ROOT, tiny_data
-from test_cli import run_cli
+from conftest import ROOT, run_cli, tiny_data
 
 import main
 

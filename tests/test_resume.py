@@ -4,9 +4,7 @@ import sys
 
 from PIL import Image
 
-from conftest import tiny_data
-from test_cli import ENV, ROOT, run_cli
-from test_training import read_tensorboard
+from conftest import ENV, ROOT, read_tensorboard, run_cli, tiny_data
 
 
 def start_cli(*args, cwd):

@@ -7,7 +7,7 @@ import config
 import data
 import study
 import train_utils as tu
-from test_cli import one_line_error, run_cli
+from conftest import one_line_error, run_cli
 
 
 def test_fast_preset_changes_only_what_the_study_found_and_book_stays_the_default():

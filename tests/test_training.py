@@ -9,6 +9,7 @@ import keras
 import models
 import train_utils as tu
 from config import make_config
+from conftest import read_tensorboard
 
 
 def test_image_pool_off_returns_the_new_fakes():
@@ -54,10 +55,6 @@ def test_sample_grid_is_written(small_gan, tmp_path):
     assert list(tmp_path.iterdir()) == [path]  # no temporary file left behind
 
 
-def test_to_unit_maps_network_range_to_display_range():
-    np.testing.assert_allclose(tu.to_unit(np.array([-1.0, 0.0, 1.0, 2.0])), [0, 0.5, 1, 1])
-
-
 def test_saved_generator_loads_in_plain_keras_with_identical_output(small_gan, tmp_path):
     tu.save_models(small_gan, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(tu.MODEL_FILES.values())
@@ -87,13 +84,6 @@ def test_loss_history_and_curves(tmp_path):
     assert list(data["epoch"]) == [1, 2, 3] and list(data["D_A"]) == [1, 2, 3]
     tu.save_loss_curves(history, tmp_path / "loss_curves.png")
     assert (tmp_path / "loss_curves.png").stat().st_size > 1000
-
-
-def read_tensorboard(folder):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    events = EventAccumulator(str(folder), size_guidance={"tensors": 0})
-    events.Reload()
-    return events
 
 
 def test_tensorboard_scalars_images_and_graphs(small_gan, tmp_path):
@@ -228,3 +218,23 @@ def test_sample_grid_takes_domains_with_different_sample_counts(tmp_path):
     tu.save_sample_grid(gan, two, three, tmp_path / "grid2.png", "2 A, 3 B")
     for name in ("grid.png", "grid2.png"):
         Image.open(tmp_path / name).verify()
+
+
+def test_fit_batch_traces_a_models_train_step_once():
+    """What fit_batch's private `_symbolic_build` call buys: one trace of the step, not two."""
+    def counted_model():
+        inputs = keras.Input((4,))
+        model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+        model.compile(optimizer="adam", loss="mse")
+        traces, step = [], model.train_step
+        model.train_step = lambda batch: (traces.append(1), step(batch))[1]
+        return model, traces
+
+    x, y = np.ones((2, 4), np.float32), np.ones((2, 2), np.float32)
+    plain, plain_traces = counted_model()
+    ours, our_traces = counted_model()
+    for _ in range(2):
+        plain.train_on_batch(x, y)
+        tu.fit_batch(ours, x, y)
+    assert len(our_traces) == 1
+    assert len(plain_traces) == 2, "Keras now traces once by itself: fit_batch's _symbolic_build can go"
