@@ -34,12 +34,14 @@ class Config:
     res_norm: str = "batch"          # residual-block norm: batch | instance
     norm_affine: bool = True         # learn scale/offset in instance norm
     padding: str = "zero"            # zero | reflect
+    alignment: str = "keras"         # keras: 'same' (stride-2 convs pad bottom/right) | torch: every side, as PyTorch
     init: str = "glorot"             # glorot | normal (N(0, 0.02))
     upsample: str = "transpose"      # transpose | resize (resize-then-conv)
     global_skip: bool = False        # output = input + learned change (starts as the identity)
 
     # Discriminator.
     disc: str = "book"               # book (all stride 2) | patch70 (last stride 1)
+    disc_filters: int = 64           # width of the first discriminator conv
     disc_activation: str = "sigmoid" # sigmoid | linear
 
     # Losses and optimisation.
@@ -99,6 +101,7 @@ PAPER = Config(
     res_norm="instance",
     norm_affine=False,
     padding="reflect",
+    alignment="torch",
     init="normal",
     disc="patch70",
     disc_activation="linear",
@@ -136,13 +139,14 @@ DEMO_DEFAULTS = dict(image_size=32, epochs=4, sample_every=1, save_every=2)
 
 # Settings that shape the networks or the data they see: a resumed run must keep them.
 ARCHITECTURE_FIELDS = ("image_size", "filters", "res_blocks", "norm", "res_norm", "norm_affine",
-                       "padding", "upsample", "global_skip", "disc", "disc_activation", "pool_size",
-                       "batch_size")
+                       "padding", "alignment", "upsample", "global_skip", "disc", "disc_filters",
+                       "disc_activation", "pool_size", "batch_size")
 
 CHOICES = {
     "norm": ("instance", "batch"),
     "res_norm": ("batch", "instance"),
     "padding": ("zero", "reflect"),
+    "alignment": ("keras", "torch"),
     "init": ("glorot", "normal"),
     "upsample": ("transpose", "resize"),
     "disc": ("book", "patch70"),
@@ -178,7 +182,7 @@ def validate(cfg):
         raise UserError(f"--image-size must be a multiple of 4 and at least 32, got {cfg.image_size}")
     if cfg.load_size and cfg.load_size < cfg.image_size:
         raise UserError(f"--load-size ({cfg.load_size}) must be at least --image-size ({cfg.image_size})")
-    for field, low in (("batch_size", 1), ("filters", 1), ("epochs", 0), ("decay_epochs", 0),
+    for field, low in (("batch_size", 1), ("filters", 1), ("disc_filters", 1), ("epochs", 0), ("decay_epochs", 0),
                        ("steps_per_epoch", 0), ("pool_size", 0), ("limit", 0), ("res_blocks", 0),
                        ("sample_every", 1), ("save_every", 1), ("log_every", 1),
                        ("checkpoint_every", 0)):

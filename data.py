@@ -330,3 +330,23 @@ def write_image(path, image):
     tmp = atomic_path(path)
     Image.fromarray(pixels).save(tmp, format=Image.registered_extensions().get(Path(path).suffix.lower(), "PNG"))
     os.replace(tmp, path)
+
+
+# placeholder until merged
+def download(urls, target):
+    """Fetch the first of `urls` that answers into `target`, complete or not at all."""
+    import urllib.request
+    target = Path(target)
+    tmp = atomic_path(target)
+    tried = []
+    for url in urls:
+        try:
+            with download_timeout(), urllib.request.urlopen(url) as response, open(tmp, "wb") as out:
+                shutil.copyfileobj(response, out)
+            os.replace(tmp, target)
+            return target
+        except OSError as error:
+            tried.append(f"{url} ({one_line(error)})")
+        finally:
+            tmp.unlink(missing_ok=True)
+    raise DataError("could not download " + "; ".join(tried))
