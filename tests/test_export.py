@@ -70,18 +70,31 @@ def test_saved_model_serves_uint8_images_of_any_size(generator_h5, tmp_path, cap
     assert_uint8_close(got[0], expected_uint8(generator_h5, pixels))
 
 
-def test_tflite_runs_in_the_litert_interpreters(generator_h5, tmp_path, capsys):
-    path = exported(generator_h5, tmp_path, capsys, "tflite", "g.tflite")
+@pytest.fixture(scope="module")
+def tflite_model(generator_h5, tmp_path_factory):
+    path = tmp_path_factory.mktemp("tflite") / "g.tflite"
+    export.export(generator_h5, "tflite", path)
+    return path
+
+
+def test_tflite_export_prints_its_check(generator_h5, tmp_path, capsys):
+    exported(generator_h5, tmp_path, capsys, "tflite", "g.tflite")
+
+
+def test_tflite_runs_in_tensorflows_interpreter(generator_h5, tflite_model):
     pixels = uint8_image(36, 42)
-    expected = expected_uint8(generator_h5, pixels)
-    with warnings.catch_warnings():  # TensorFlow's own, in every TF install, warns it is deprecated
+    with warnings.catch_warnings():  # deprecated in favour of LiteRT's, still in every TF install
         warnings.simplefilter("ignore", UserWarning)
-        interpreter = tf.lite.Interpreter(model_path=str(path))
+        interpreter = tf.lite.Interpreter(model_path=str(tflite_model))
     got = interpreter.get_signature_runner("serving_default")(images=pixels)["images"]
-    assert_uint8_close(got[0], expected)
+    assert_uint8_close(got[0], expected_uint8(generator_h5, pixels))
+
+
+def test_tflite_runs_in_the_litert_interpreter(generator_h5, tflite_model):
     litert = pytest.importorskip("ai_edge_litert.interpreter")
-    runner = litert.Interpreter(model_path=str(path)).get_signature_runner("serving_default")
-    assert_uint8_close(runner(images=pixels)["images"][0], expected)
+    pixels = uint8_image(36, 42)
+    runner = litert.Interpreter(model_path=str(tflite_model)).get_signature_runner("serving_default")
+    assert_uint8_close(runner(images=pixels)["images"][0], expected_uint8(generator_h5, pixels))
 
 
 def test_onnx_runs_in_onnxruntime(generator_h5, tmp_path, capsys):
