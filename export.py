@@ -28,9 +28,9 @@ OPTIONAL_PACKAGES = {"onnx": ("tf2onnx", "onnxruntime")}
 TOLERANCE = {"float": 1e-3, "uint8": 1}
 
 
-def serving_function(generator):
-    """uint8 NHWC images of any size -> translated uint8 images of the same size."""
-    @tf.function(input_signature=[tf.TensorSpec((None, None, None, 3), tf.uint8, name="images")])
+def serving_function(generator, size=(None, None)):
+    """uint8 NHWC images of any size (or of `size`) -> translated uint8 images of the same size."""
+    @tf.function(input_signature=[tf.TensorSpec((None, *size, 3), tf.uint8, name="images")])
     def serve(images):
         height, width = tf.shape(images)[1], tf.shape(images)[2]
         # Edge padding to a multiple of 4, as `models.translate_any_size`.
@@ -43,21 +43,29 @@ def serving_function(generator):
     return serve
 
 
-def write_saved_model(generator, path):
+def write_saved_model(generator, path, size=(None, None)):
     archive = keras.export.ExportArchive()
     archive.track(generator)
-    archive.add_endpoint("serving_default", serving_function(generator))
+    archive.add_endpoint("serving_default", serving_function(generator, size))
     archive.write_out(str(path), verbose=False)
 
 
-def write_tflite(generator, path):
+def write_tflite(generator, path, size=(None, None)):
+    """Built-in LiteRT ops only: the Flex (select TensorFlow ops) delegate is not in its runtimes.
+
+    Nearest-neighbour upsampling (`--upsample resize`) lowers to ops LiteRT
+    can convert only when height and width are known: such generators need `size`.
+    """
+    if None in size and any(isinstance(layer, keras.layers.UpSampling2D) for layer in generator.layers):
+        raise UserError("LiteRT converts a generator with resize upsampling only for one image "
+                        "size: add --size HEIGHT WIDTH")
     with tempfile.TemporaryDirectory() as saved_model:
-        write_saved_model(generator, saved_model)
+        write_saved_model(generator, saved_model, size)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
         Path(path).write_bytes(converter.convert())
 
 
-def write_onnx(generator, path):
+def write_onnx(generator, path, size=None):
     with warnings.catch_warnings():  # Keras' own patch of tf2onnx for NumPy 2 warns
         warnings.simplefilter("ignore", FutureWarning)
         generator.export(str(path), format="onnx", verbose=False,
@@ -65,7 +73,7 @@ def write_onnx(generator, path):
                                                         name="image")])
 
 
-def write_keras(generator, path):
+def write_keras(generator, path, size=None):
     generator.save(path)
 
 
@@ -128,16 +136,17 @@ def to_uint8(image):
     return np.round((np.clip(image, -1, 1) + 1) * 127.5).astype(np.uint8)
 
 
-def check_images(seed=0):
-    """A 70x90 uint8 image (not a multiple of 4) and a 64x64 [-1, 1] one."""
+def check_images(size=(None, None), seed=0):
+    """A uint8 image of `size` (default 70x90, not a multiple of 4) and a 64x64 [-1, 1] one."""
     rng = np.random.default_rng(seed)
-    pixels = rng.integers(0, 256, (1, 70, 90, 3), dtype=np.uint8)
+    height, width = (70, 90) if None in size else size
+    pixels = rng.integers(0, 256, (1, height, width, 3), dtype=np.uint8)
     return pixels, rng.uniform(-1, 1, (1, 64, 64, 3)).astype(np.float32)
 
 
-def difference(fmt, generator, path):
+def difference(fmt, generator, path, size=(None, None)):
     """(max abs difference from the .h5 on a test image, its unit)."""
-    pixels, image = check_images()
+    pixels, image = check_images(size)
     if fmt in ("saved_model", "tflite"):
         expected = to_uint8(models.translate_any_size(generator, pixels[0] / 127.5 - 1.0))
         got = RUNNERS[fmt](path, pixels)[0]
@@ -146,18 +155,24 @@ def difference(fmt, generator, path):
     return float(np.abs(RUNNERS[fmt](path, image) - expected).max()), "float"
 
 
-def export(generator_path, fmt, output):
-    """Write FMT to OUTPUT, checked against the .h5 on a test image; returns the difference."""
+def export(generator_path, fmt, output, size=None):
+    """Write FMT to OUTPUT, checked against the .h5 on a test image; returns the difference.
+
+    `size` (height, width) fixes the LiteRT model's input size.
+    """
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if size and (fmt != "tflite" or min(size) < 4):
+        raise UserError("--size applies to --format tflite only, and needs two sizes of at least 4")
+    size = tuple(size or (None, None))
     output = check_output(fmt, output)
     require_packages(fmt)
     generator = models.load_generator(generator_path)
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = data.atomic_path(output)
     try:
-        WRITERS[fmt](generator, tmp)
-        diff, unit = difference(fmt, generator, tmp)
+        WRITERS[fmt](generator, tmp, size)
+        diff, unit = difference(fmt, generator, tmp, size)
         if diff > TOLERANCE[unit]:
             raise UserError(f"the exported {fmt} model differs from {generator_path} by {diff} "
                             f"({unit}); nothing was written")

@@ -108,6 +108,8 @@ def build_parser():
     export.add_argument("--format", required=True,
                         choices=("keras", "saved_model", "onnx", "tflite"))
     export.add_argument("--output", required=True, help="the file (a folder for saved_model) to write")
+    export.add_argument("--size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
+                        help="tflite only: one input size instead of any (needed with --upsample resize)")
     for sub in commands.choices.values():
         sub.error = parser.error
     return parser
@@ -426,7 +428,7 @@ def main(argv=None):
             convert(args)
         elif args.command == "export":
             import export
-            export.export(args.generator, args.format, args.output)
+            export.export(args.generator, args.format, args.output, args.size)
         elif args.command == "evaluate":
             evaluate(args)
         elif args.command == "benchmark":

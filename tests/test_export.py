@@ -14,6 +14,7 @@ import export
 import main
 import models
 import pretrained
+from config import make_config
 
 FIXTURE = Path(__file__).parent / "fixtures" / "official" / "resnet_2blocks_ngf8.zip.pth"
 
@@ -126,3 +127,19 @@ def test_bad_outputs_are_refused_and_nothing_is_overwritten(generator_h5, tmp_pa
     assert "already exists" in err and kept.read_text() == "someone's file"
     one_line_error(["export", "--generator", tmp_path / "missing.h5", "--format", "keras",
                     "--output", tmp_path / "new.keras"], capsys)
+
+
+def test_a_resize_upsampling_generator_exports_to_tflite_at_one_size(tmp_path, capsys):
+    """LiteRT lowers nearest-neighbour upsampling only when height and width are known."""
+    h5 = tmp_path / "fast.h5"
+    models.build_generator(make_config("fast", image_size=32)).save(h5)
+    err = one_line_error(["export", "--generator", h5, "--format", "tflite",
+                          "--output", tmp_path / "any.tflite"], capsys)
+    assert "--size" in err and not (tmp_path / "any.tflite").exists()
+    path = tmp_path / "fixed.tflite"
+    assert main.main(["export", "--generator", str(h5), "--format", "tflite", "--output", str(path),
+                      "--size", "30", "50"]) == 0
+    pixels = uint8_image(30, 50)
+    assert_uint8_close(export.run_tflite(path, pixels)[0], expected_uint8(h5, pixels))
+    one_line_error(["export", "--generator", h5, "--format", "onnx", "--output", tmp_path / "g.onnx",
+                    "--size", "30", "50"], capsys)
