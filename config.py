@@ -44,6 +44,8 @@ class Config:
     res_norm: str = setting("batch", "norm in the residual blocks")
     norm_affine: bool = setting(True, "learned scale and offset in instance norm")
     padding: str = setting("zero", "padding of the generator's stride-1 convs")
+    alignment: str = setting("keras", "keras: 'same' convs (stride 2 pads bottom/right); torch: "
+                                      "pads every side, as the official PyTorch networks")
     init: str = setting("glorot", "weight init; normal: N(0, 0.02)")
     upsample: str = setting("transpose", "transposed conv, or nearest resize then conv (no checkerboard)")
     global_skip: bool = setting(False, "output = input + a learned change: an untrained generator "
@@ -51,6 +53,7 @@ class Config:
 
     # Discriminator.
     disc: str = setting("book", "book: four stride-2 convs; patch70: the paper's 70x70 PatchGAN")
+    disc_filters: int = setting(64, "width of the discriminator's first conv (official --ndf)")
     disc_activation: str = setting("sigmoid", "discriminator output; linear: least squares on raw scores")
 
     # Losses and optimisation.
@@ -108,6 +111,7 @@ PAPER = Config(
     res_norm="instance",
     norm_affine=False,
     padding="reflect",
+    alignment="torch",
     init="normal",
     disc="patch70",
     disc_activation="linear",
@@ -144,13 +148,17 @@ PRESETS = {"book": BOOK, "paper": PAPER, "fast": FAST}
 DEMO_DEFAULTS = dict(image_size=32, epochs=4, sample_every=1, save_every=2)
 
 # Settings that shape the networks or the data they see: a resumed run must keep them.
-ARCHITECTURE_FIELDS = ("image_size", "gen", "filters", "res_blocks", "norm", "res_norm", "norm_affine",
-                       "padding", "upsample", "global_skip", "disc", "disc_activation", "pool_size",
-                       "batch_size")
+ARCHITECTURE_FIELDS = ("image_size", "gen", "filters", "res_blocks", "norm", "res_norm",
+                       "norm_affine", "padding", "alignment", "upsample", "global_skip", "disc",
+                       "disc_filters", "disc_activation", "pool_size", "batch_size")
 # Settings a resumed run must keep as well: the data and its order, and the
 # replicas and dtypes its checkpoint was written with.
 RESUME_FIXED = ARCHITECTURE_FIELDS + ("preset", "data", "seed", "load_size", "limit",
                                       "mixed_precision", "strategy")
+
+# What a setting was in runs saved before config.json held it: such runs
+# resume with the networks they were trained with.
+BEFORE_IT_WAS_SAVED = {"alignment": "keras", "disc_filters": 64, "gen": "resnet"}
 
 # Larger inputs are for `translate`, which takes any size; training them needs a big accelerator.
 MAX_IMAGE_SIZE = 1024
@@ -170,6 +178,7 @@ CHOICES = {
     "norm": ("instance", "batch"),
     "res_norm": ("batch", "instance"),
     "padding": ("zero", "reflect"),
+    "alignment": ("keras", "torch"),
     "init": ("glorot", "normal"),
     "upsample": ("transpose", "resize"),
     "disc": ("book", "patch70"),
@@ -221,8 +230,8 @@ def validate(cfg):
     for field, (within, wording) in NUMBER_RANGES.items():
         if not within(getattr(cfg, field)):
             raise UserError(f"{flag(field)} must be a number {wording}, got {getattr(cfg, field)}")
-    for field, low in (("batch_size", 1), ("filters", 1), ("epochs", 0), ("decay_epochs", 0),
-                       ("steps_per_epoch", 0), ("pool_size", 0), ("limit", 0), ("res_blocks", 0),
+    for field, low in (("batch_size", 1), ("filters", 1), ("disc_filters", 1), ("epochs", 0),
+                       ("decay_epochs", 0), ("steps_per_epoch", 0), ("pool_size", 0), ("limit", 0), ("res_blocks", 0),
                        ("sample_every", 1), ("save_every", 1), ("log_every", 1),
                        ("checkpoint_every", 0)):
         value = getattr(cfg, field)

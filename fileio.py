@@ -4,6 +4,7 @@ Kept apart from the TensorFlow modules so that the CLI can use it before importi
 """
 import contextlib
 import os
+import shutil
 from pathlib import Path
 
 
@@ -17,12 +18,15 @@ def atomic_path(path):
 def atomic_write(path):
     """Yield a temporary path to write; it replaces `path` only once the block ends without error.
 
-    On an error the temporary file is removed and `path` keeps its earlier content.
+    On an error the temporary file (or folder: a SavedModel) is removed and
+    `path` keeps its earlier content.
     """
     tmp = atomic_path(path)
     try:
         yield tmp
     except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp)
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, path)

@@ -2,6 +2,9 @@
 
     python main.py --data monet2photo          # train (the default command)
     python main.py translate --generator G.h5 --input DIR --output DIR
+    python main.py translate --pretrained monet2photo --input DIR --output DIR
+    python main.py convert --pth latest_net_G.pth --output G.h5  # an official PyTorch model
+    python main.py export --generator G.h5 --format onnx --output G.onnx
     python main.py evaluate --name monet2photo  # quality numbers on the test split
     python main.py summary --preset paper --image-size 256
     python main.py benchmark --preset book --image-size 128
@@ -20,7 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import config  # noqa: E402
 
-COMMANDS = ("train", "translate", "evaluate", "summary", "benchmark", "study")
+COMMANDS = ("train", "translate", "evaluate", "summary", "benchmark", "study", "convert", "export")
 SAMPLE_COUNT = 3
 
 
@@ -80,7 +83,10 @@ def build_parser():
     bench.add_argument("--pipeline-images", type=int, default=200, help="image files per domain")
     bench.add_argument("--json", action="store_true", help="print the figures as JSON")
     translate = commands.add_parser("translate", help="translate images with a saved generator")
-    translate.add_argument("--generator", required=True, help="a saved generator .h5")
+    generator = translate.add_mutually_exclusive_group(required=True)
+    generator.add_argument("--generator", help="a saved generator .h5")
+    generator.add_argument("--pretrained", metavar="NAME",
+                           help="an official pretrained model, e.g. monet2photo (downloaded once)")
     translate.add_argument("--input", required=True, help="an image file or a folder of images")
     translate.add_argument("--output", required=True, help="folder for the translated images")
     translate.add_argument("--overwrite", action="store_true",
@@ -91,6 +97,20 @@ def build_parser():
     summary.add_argument("--image-size", type=int, default=None)
     add_study_flags(commands.add_parser(
         "study", help="compare settings by how much a short run beats doing nothing"))
+    convert = commands.add_parser("convert", help="an official PyTorch CycleGAN .pth into a Keras .h5")
+    source = convert.add_mutually_exclusive_group(required=True)
+    source.add_argument("--pth", help="a ResnetGenerator or 70x70 NLayerDiscriminator state dict")
+    source.add_argument("--pretrained", metavar="NAME", help="an official pretrained model's name")
+    convert.add_argument("--output", required=True, help="the .h5 (or .keras) to write")
+    convert.add_argument("--image-size", type=int, default=256,
+                         help="a discriminator's input size (generators take any size)")
+    export = commands.add_parser("export", help="a saved generator as .keras, SavedModel, ONNX or LiteRT")
+    export.add_argument("--generator", required=True, help="a saved generator .h5")
+    export.add_argument("--format", required=True,
+                        choices=("keras", "saved_model", "onnx", "tflite"))
+    export.add_argument("--output", required=True, help="the file (a folder for saved_model) to write")
+    export.add_argument("--size", type=int, nargs=2, metavar=("HEIGHT", "WIDTH"),
+                        help="tflite only: one input size instead of any (needed with --upsample resize)")
     for sub in commands.choices.values():
         sub.error = parser.error
     return parser
@@ -144,11 +164,11 @@ def resumed_config(given):
     path = Path(given.get("results_dir", config.Config.results_dir)) / given["name"] / "config.json"
     if not path.is_file():
         raise CliError(f"--resume: no run {given['name']!r} in {path.parent.parent}")
-    saved = json.loads(path.read_text())
+    saved = {**config.BEFORE_IT_WAS_SAVED, **json.loads(path.read_text())}
     for field in config.RESUME_FIXED:
         if field in given and given[field] != saved[field]:
             raise CliError(f"--resume: run {given['name']!r} was trained with "
-                           f"--{field.replace('_', '-')} {saved[field]}, not {given[field]}")
+                           f"{config.flag(field)} {saved[field]}, not {given[field]}")
     return config.make_config(saved.pop("preset"), **{**saved, **given})
 
 
@@ -345,6 +365,25 @@ def translate(generator_path, input_path, output_dir, overwrite=False):
     print(f"Translated {len(files) - len(skipped)} image(s) into {output_dir}")
 
 
+def generator_path(args):
+    """--generator as given, or the cached conversion of an official --pretrained model."""
+    if args.pretrained:
+        import pretrained
+        return pretrained.pretrained_generator(args.pretrained)
+    return args.generator
+
+
+# --- convert and export ----------------------------------------------------
+
+def convert(args):
+    import pretrained
+    if args.pretrained:
+        model = pretrained.convert_pretrained(args.pretrained, args.output)
+    else:
+        model = pretrained.convert(args.pth, args.output, args.image_size)
+    print(f"Converted {args.pth or args.pretrained} ({pretrained.describe(model)}) into {args.output}")
+
+
 # --- evaluate --------------------------------------------------------------
 
 def evaluation_target(args):
@@ -447,7 +486,12 @@ def main(argv=None):
         args = parse_args(sys.argv[1:] if argv is None else argv)
         import_tensorflow_quietly()
         if args.command == "translate":
-            translate(args.generator, args.input, args.output, args.overwrite)
+            translate(generator_path(args), args.input, args.output, args.overwrite)
+        elif args.command == "convert":
+            convert(args)
+        elif args.command == "export":
+            import export
+            export.export(args.generator, args.format, args.output, args.size)
         elif args.command == "evaluate":
             evaluate(args)
         elif args.command == "benchmark":

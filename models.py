@@ -67,9 +67,17 @@ def norm_layer(kind, cfg):
 
 
 def conv(x, filters, kernel, strides, cfg, use_bias=True, initializer=None):
-    """A conv that keeps 'same' geometry with zero or reflection padding."""
+    """A conv that keeps 'same' geometry with zero or reflection padding.
+
+    On even sizes Keras' 'same' pads a stride-2 conv at the bottom and right
+    only; PyTorch (alignment torch) pads every side, shifting the grid by half
+    a pixel.
+    """
     if cfg.padding == "reflect" and strides == 1 and kernel > 1:
         x = ReflectionPadding2D(kernel // 2)(x)
+        padding = "valid"
+    elif cfg.alignment == "torch" and strides > 1:
+        x = layers.ZeroPadding2D(kernel // 2)(x)
         padding = "valid"
     else:
         padding = "same"
@@ -99,13 +107,20 @@ def upsample_block(x, filters, cfg):
 
     A transposed conv's bias is redundant before an instance norm with an
     offset, so the chapter leaves it out; the paper (no offset) keeps it.
+    Of the 2H+1 rows a 3x3 stride-2 transposed conv spans, Keras' 'same'
+    keeps the first 2H and PyTorch's ConvTranspose2d(padding=1,
+    output_padding=1) the last 2H.
     """
     if cfg.upsample == "resize":
         x = layers.UpSampling2D(2, interpolation="nearest")(x)
         x = conv(x, filters, 3, 1, cfg)
     else:
-        x = layers.Conv2DTranspose(filters, 3, 2, padding="same", use_bias=not cfg.norm_affine,
+        torch_aligned = cfg.alignment == "torch"
+        x = layers.Conv2DTranspose(filters, 3, 2, padding="valid" if torch_aligned else "same",
+                                   use_bias=not cfg.norm_affine,
                                    kernel_initializer=kernel_init(cfg))(x)
+        if torch_aligned:
+            x = layers.Cropping2D(((1, 0), (1, 0)))(x)
     x = norm_layer(cfg.norm, cfg)(x)
     return layers.Activation("relu")(x)
 
@@ -155,11 +170,12 @@ def patch_discriminator(cfg, name, strides):
     """
     inputs = keras.Input((cfg.image_size, cfg.image_size, 3), name="image")
     x = layers.ZeroPadding2D(1)(inputs)
-    x = layers.Conv2D(64, 4, 2, kernel_initializer=kernel_init(cfg))(x)
+    x = layers.Conv2D(cfg.disc_filters, 4, 2, kernel_initializer=kernel_init(cfg))(x)
     x = layers.LeakyReLU(0.2)(x)
     for i, stride in enumerate(strides, start=1):
         x = layers.ZeroPadding2D(1)(x)
-        x = layers.Conv2D(64 * 2 ** i, 4, stride, kernel_initializer=kernel_init(cfg))(x)
+        x = layers.Conv2D(cfg.disc_filters * 2 ** i, 4, stride,
+                          kernel_initializer=kernel_init(cfg))(x)
         x = norm_layer("instance", cfg)(x)
         x = layers.LeakyReLU(0.2)(x)
     x = layers.ZeroPadding2D(1)(x)

@@ -413,9 +413,14 @@ def save_models(gan, folder):
     folder.mkdir(parents=True, exist_ok=True)
     gan.set_discriminators_trainable(True)  # a reloaded discriminator should train
     for attr, filename in MODEL_FILES.items():
-        # .h5 on purpose (the chapter's format); Keras's "legacy format" note is noise here.
-        with atomic_write(folder / filename) as tmp, silence_absl_warnings():
-            getattr(gan, attr).save(tmp)
+        save_h5(getattr(gan, attr), folder / filename)
+
+
+def save_h5(model, path):
+    """A model as .h5, written whole before it replaces an earlier file."""
+    # .h5 on purpose (the chapter's format); Keras's "legacy format" note is noise here.
+    with atomic_write(path) as tmp, silence_absl_warnings():
+        model.save(tmp)
 
 
 @contextlib.contextmanager

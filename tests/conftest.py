@@ -1,5 +1,6 @@
 """Shared fixtures and helpers: the project on sys.path, small image datasets made on the
 spot, running the CLI, reading what a run wrote (TensorBoard events, the results page)."""
+import contextlib
 import os
 import subprocess
 import sys
@@ -113,3 +114,26 @@ def page_links(page):
         assert not urlparse(target).scheme and not target.startswith("/"), target
         assert (page.parent / unquote(target)).is_file(), target
     return parser.targets
+
+
+@contextlib.contextmanager
+def serve_folder(folder):
+    """An HTTP server on 127.0.0.1 serving `folder`; yields (base address, paths requested)."""
+    import http.server
+    import threading
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(folder), **kwargs)
+
+        def log_message(self, *args):
+            requests.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", requests
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,12 +1,14 @@
 """The command line as a user runs it: real processes, real files."""
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, one_line_error, page_links, read_tensorboard, run_cli, tiny_data, write_images
+from conftest import one_line_error, page_links, read_tensorboard, run_cli, tiny_data, write_images
 
+import config
 import main
 
 @pytest.fixture(scope="module")
@@ -320,3 +322,16 @@ def test_translate_skips_unreadable_images_by_name_and_keeps_exif_orientation(tr
     assert "Translated 2 image(s)" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["img_000.png", "portrait.jpg"]
     assert Image.open(tmp_path / "out" / "portrait.jpg").size == (32, 48)
+
+
+def test_a_run_saved_before_a_setting_existed_resumes_with_its_old_networks(tmp_path):
+    """An older paper run's config.json has no alignment: it was trained with Keras' padding."""
+    old = dataclasses.asdict(config.make_config("paper", name="old"))
+    for field in config.BEFORE_IT_WAS_SAVED:
+        del old[field]
+    (tmp_path / "results/old").mkdir(parents=True)
+    (tmp_path / "results/old/config.json").write_text(json.dumps(old))
+    given = {"name": "old", "results_dir": str(tmp_path / "results")}
+    assert main.resumed_config(given).alignment == "keras"
+    with pytest.raises(main.CliError, match="trained with --alignment keras, not torch"):
+        main.resumed_config({**given, "alignment": "torch"})

@@ -1,34 +1,20 @@
 """Official datasets: downloaded from a loopback server the test starts, checked, unpacked safely."""
-import http.server
 import io
-import threading
 import zipfile
 
 import pytest
 
 import data
-from conftest import write_images
+from conftest import serve_folder, write_images
 
 
 @pytest.fixture
 def server(tmp_path):
-    """An HTTP server on 127.0.0.1 serving tmp_path/served; yields its base address."""
+    """An HTTP server on 127.0.0.1 serving tmp_path/served: (that folder, its base address)."""
     served = tmp_path / "served"
     served.mkdir()
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, directory=str(served), **kwargs)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield served, f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with serve_folder(served) as (base, _):
+        yield served, base
 
 
 def dataset_zip(tmp_path, name="facades", extra=()):

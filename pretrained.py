@@ -1,0 +1,325 @@
+"""The official PyTorch CycleGANs in Keras, without PyTorch.
+
+`read_pth` reads a `.pth` state dict, in the zip format of PyTorch >= 1.6
+or the older legacy format, through an unpickler that builds nothing but
+ordered dicts and arrays. `convert_state_dict` recognises an official
+ResnetGenerator or 70x70 NLayerDiscriminator from its keys and shapes and
+copies its weights into the paper preset's network, which computes the
+same function. `pretrained_generator` fetches an official model by name.
+"""
+import collections
+import io
+import os
+import pickle
+import re
+import struct
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from config import UserError, make_config
+
+DEFAULT_URL = "http://efrosgans.eecs.berkeley.edu/cyclegan/pretrained_models/{name}.pth"
+URL_VARIABLE = "CYCLEGAN_PRETRAINED_URL"
+PRETRAINED_DIR = "pretrained"
+# The names the official download script lists.
+OFFICIAL_NAMES = (
+    "apple2orange", "orange2apple", "summer2winter_yosemite", "winter2summer_yosemite",
+    "horse2zebra", "zebra2horse", "monet2photo", "style_monet", "style_cezanne", "style_ukiyoe",
+    "style_vangogh", "sat2map", "map2sat", "cityscapes_photo2label", "cityscapes_label2photo",
+    "facades_photo2label", "facades_label2photo", "iphone2dslr_flower",
+)
+
+# torch.save's legacy (pre-1.6) stream starts with these two pickled numbers.
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL = 1001
+STORAGE_DTYPES = {
+    "FloatStorage": "<f4", "DoubleStorage": "<f8", "HalfStorage": "<f2", "LongStorage": "<i8",
+    "IntStorage": "<i4", "ShortStorage": "<i2", "CharStorage": "i1", "ByteStorage": "u1",
+    "BoolStorage": "?",
+}
+# Buffers that InstanceNorm layers carried before PyTorch 0.4; the official loader drops them.
+STALE_NORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+class CheckpointError(UserError):
+    """A .pth file that is not what was expected; one-line message."""
+
+
+def rebuild_tensor(storage, offset, size, stride, *_):
+    """torch._utils._rebuild_tensor(_v2) as an array view, checked to stay inside its storage."""
+    size, stride = tuple(size), tuple(stride)
+    if (not isinstance(storage, np.ndarray) or storage.ndim != 1 or not storage.flags.c_contiguous
+            or len(size) != len(stride) or min(size + stride + (offset,)) < 0):
+        raise CheckpointError("a tensor in the file is malformed")
+    if 0 in size:
+        return np.zeros(size, storage.dtype)
+    if offset + sum((n - 1) * s for n, s in zip(size, stride)) >= storage.size:
+        raise CheckpointError("a tensor reaches past the end of its data: the file is damaged")
+    return np.lib.stride_tricks.as_strided(storage[offset:], size,
+                                           [s * storage.itemsize for s in stride])
+
+
+def text(value):
+    """Python 2 pickles hold some names as bytes."""
+    return value.decode("ascii") if isinstance(value, bytes) else value
+
+
+class StateDictUnpickler(pickle.Unpickler):
+    """Builds only ordered dicts and tensors (as NumPy arrays); refuses every other global.
+
+    A pickle can call any importable function; this one can call only the
+    two functions below, so a hostile file cannot run code.
+    """
+
+    def __init__(self, file, storage):
+        super().__init__(file, encoding="utf-8")
+        self.storage = storage  # (dtype, key, numel, view) -> 1-D array
+
+    def find_class(self, module, name):
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if module == "torch._utils" and name in ("_rebuild_tensor", "_rebuild_tensor_v2"):
+            return rebuild_tensor
+        if module == "torch" and name in STORAGE_DTYPES:
+            return STORAGE_DTYPES[name]
+        raise CheckpointError(f"refusing {module}.{name}: a state dict holds only tensors, "
+                              "and this file asks to run other code")
+
+    def persistent_load(self, pid):
+        if not isinstance(pid, tuple) or len(pid) < 5 or text(pid[0]) != "storage" \
+                or pid[1] not in STORAGE_DTYPES.values():
+            raise CheckpointError("the file refers to data of an unknown kind")
+        dtype, key, numel = np.dtype(pid[1]), text(pid[2]), pid[4]
+        return self.storage(dtype, key, numel, pid[5] if len(pid) > 5 else None)
+
+
+def unpickle(file, storage=None):
+    def no_storage(*_):
+        raise CheckpointError("unexpected tensor data in the file's header")
+    return StateDictUnpickler(file, storage or no_storage).load()
+
+
+def read_zip(path):
+    """The state dict of PyTorch >= 1.6: data.pkl plus one data/KEY entry per storage."""
+    with zipfile.ZipFile(path) as archive:
+        pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+        if len(pickles) != 1:
+            raise CheckpointError("a zip file without exactly one data.pkl is no PyTorch checkpoint")
+        prefix = pickles[0][:-len("data.pkl")]
+
+        def storage(dtype, key, numel, _):
+            try:
+                entry = archive.getinfo(f"{prefix}data/{key}")
+            except KeyError:
+                raise CheckpointError(f"tensor data {key} is missing from the file") from None
+            if entry.file_size != numel * dtype.itemsize:  # checked before unpacking anything
+                raise CheckpointError(f"tensor data {key} has the wrong size: the file is damaged")
+            return np.frombuffer(archive.read(entry), dtype)
+
+        return unpickle(io.BytesIO(archive.read(pickles[0])), storage)
+
+
+def read_legacy(file, file_size):
+    """The legacy stream: magic, version, system info, the state dict, storage keys, raw storages."""
+    if unpickle(file) != LEGACY_MAGIC or unpickle(file) != LEGACY_PROTOCOL:
+        raise CheckpointError("not a PyTorch checkpoint (no torch.save header)")
+    if not unpickle(file).get("little_endian", True):
+        raise CheckpointError("big-endian checkpoints are not supported")
+    roots, views = {}, {}
+
+    def storage(dtype, key, numel, view):
+        # The data follows the pickle: hand out arrays now, fill them below.
+        if key not in roots:
+            if sum(a.nbytes for a in roots.values()) + numel * dtype.itemsize > file_size:
+                raise CheckpointError("its tensors claim more bytes than the file has: "
+                                      "the file is damaged")
+            roots[key] = np.zeros(numel, dtype)
+        if view is None:
+            return roots[key]
+        view_key, offset, count = text(view[0]), view[1], view[2]
+        return views.setdefault(view_key, roots[key][offset:offset + count])
+
+    state = unpickle(file, storage)
+    for key in unpickle(file):
+        array = roots.get(text(key))
+        if array is None:
+            raise CheckpointError(f"the file lists tensor data {key} that nothing uses")
+        (numel,) = struct.unpack("<q", file.read(8))
+        raw = file.read(array.nbytes)
+        if numel != array.size or len(raw) != array.nbytes:
+            raise CheckpointError("tensor data is cut short or mislabelled: the file is damaged")
+        array[:] = np.frombuffer(raw, array.dtype)
+    return state
+
+
+def read_pth(path):
+    """{name: float32 array} from a PyTorch state dict file, without PyTorch."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path} is not a file")
+    try:
+        if zipfile.is_zipfile(path):
+            state = read_zip(path)
+        else:
+            with open(path, "rb") as file:
+                state = read_legacy(file, path.stat().st_size)
+    except CheckpointError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError, KeyError,
+            AttributeError, struct.error, zipfile.BadZipFile, OSError) as error:
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint, or is truncated "
+                              f"({type(error).__name__})") from None
+    if not isinstance(state, dict) or not all(isinstance(v, np.ndarray) for v in state.values()):
+        raise CheckpointError(f"{path} holds no state dict of tensors")
+    return {str(k): np.array(v, np.float32) for k, v in state.items()
+            if not str(k).endswith(STALE_NORM_BUFFERS)}
+
+
+def generator_parameters(ngf, blocks):
+    """(name, PyTorch weight shape, transposed) of each conv of an official ResnetGenerator.
+
+    In its Sequential: pad 0, conv 1, norm, relu, stride-2 convs at 4 and 7,
+    residual blocks from 10 (pad, conv 1, norm, relu, pad, conv 5, norm),
+    two transposed convs (weights in, out, k, k) three entries apart, then
+    a pad and the last conv.
+    """
+    wide = 4 * ngf
+    params = [("model.1", (ngf, 3, 7, 7), False), ("model.4", (2 * ngf, ngf, 3, 3), False),
+              ("model.7", (wide, 2 * ngf, 3, 3), False)]
+    for i in range(10, 10 + blocks):
+        params += [(f"model.{i}.conv_block.{j}", (wide, wide, 3, 3), False) for j in (1, 5)]
+    up = 10 + blocks
+    return params + [(f"model.{up}", (wide, 2 * ngf, 3, 3), True),
+                     (f"model.{up + 3}", (2 * ngf, ngf, 3, 3), True),
+                     (f"model.{up + 7}", (3, ngf, 7, 7), False)]
+
+
+def discriminator_parameters(ndf):
+    """The same for the official 70x70 NLayerDiscriminator (n_layers 3): five 4x4 convs."""
+    widths = (3, ndf, 2 * ndf, 4 * ndf, 8 * ndf, 1)
+    return [(f"model.{i}", (widths[n + 1], widths[n], 4, 4), False)
+            for n, i in enumerate((0, 2, 5, 8, 11))]
+
+
+BLOCK_KEY = re.compile(r"model\.(\d+)\.conv_block\.")
+
+
+def official_layout(state):
+    """(kind, width, residual blocks, parameters), read from the state dict's keys and shapes."""
+    if "model.1.weight" in state:
+        ngf = state["model.1.weight"].shape[0]
+        blocks = len({m.group(1) for m in map(BLOCK_KEY.match, state) if m})
+        layout = ("generator", ngf, blocks, generator_parameters(ngf, blocks))
+    elif "model.0.weight" in state:
+        ndf = state["model.0.weight"].shape[0]
+        layout = ("discriminator", ndf, 0, discriminator_parameters(ndf))
+    else:
+        raise CheckpointError("expected an official CycleGAN ResnetGenerator or NLayerDiscriminator "
+                              f"state dict (model.N.weight entries), found {describe_keys(state)}")
+    check_layout(state, layout[0], layout[3])
+    return layout
+
+
+def describe_keys(state):
+    keys = sorted(state)
+    return ", ".join(keys[:3]) + (" ..." if len(keys) > 3 else "") if keys else "no tensors"
+
+
+def check_layout(state, kind, params):
+    """One line naming the first entry that differs from the official network's."""
+    expected = {}
+    for name, shape, transposed in params:
+        expected[f"{name}.weight"] = shape
+        expected[f"{name}.bias"] = shape[1:2] if transposed else shape[:1]
+    what = ("a ResnetGenerator (resnet_Nblocks, instance norm, no dropout)" if kind == "generator"
+            else "a 70x70 NLayerDiscriminator (n_layers 3, instance norm)")
+    for key in sorted(set(expected) | set(state)):
+        if key not in state:
+            raise CheckpointError(f"expected {what}: {key} is missing")
+        if key not in expected:
+            raise CheckpointError(f"expected {what}: unexpected entry {key}")
+        if state[key].shape != expected[key]:
+            raise CheckpointError(f"expected {what}: {key} has shape {state[key].shape}, "
+                                  f"not {expected[key]}")
+
+
+def convert_state_dict(state, image_size=256):
+    """The paper preset's Keras network holding an official state dict's weights.
+
+    PyTorch kernels (out, in, k, k) and transposed kernels (in, out, k, k)
+    both become Keras' (k, k, in, out) and (k, k, out, in) by one transpose.
+    """
+    import models
+    kind, width, blocks, params = official_layout(state)
+    if kind == "generator":
+        cfg = make_config("paper", filters=width, res_blocks=blocks)
+        model = models.build_generator(cfg, "generator")
+    else:
+        cfg = make_config("paper", disc_filters=width, image_size=image_size)
+        model = models.build_discriminator(cfg, "discriminator")
+    layers = [layer for layer in model.layers if layer.weights]
+    for layer, (name, _, _) in zip(layers, params, strict=True):
+        layer.set_weights([state[f"{name}.weight"].transpose(2, 3, 1, 0), state[f"{name}.bias"]])
+    return model
+
+
+def describe(model):
+    """'resnet_9blocks generator, ngf 64' or '70x70 discriminator, ndf 64'."""
+    convs = [layer for layer in model.layers if layer.weights]
+    if model.name == "discriminator":
+        return f"70x70 discriminator, ndf {convs[0].filters}"
+    return f"resnet_{(len(convs) - 6) // 2}blocks generator, ngf {convs[0].filters}"
+
+
+def check_output(output_path):
+    output_path = Path(output_path)
+    if output_path.suffix not in (".h5", ".keras"):
+        raise CheckpointError(f"--output {output_path} must end in .h5 or .keras")
+    if output_path.exists():
+        raise CheckpointError(f"--output {output_path} already exists; remove it or choose another name")
+    return output_path
+
+
+def convert(pth_path, output_path, image_size=256):
+    """Convert an official .pth into a Keras .h5 (or .keras); returns the model."""
+    from train_utils import save_h5
+    output_path = check_output(output_path)
+    state = read_pth(pth_path)
+    try:
+        model = convert_state_dict(state, image_size)
+    except CheckpointError as error:
+        raise CheckpointError(f"{pth_path}: {error}") from None
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    save_h5(model, output_path)
+    return model
+
+
+def pretrained_url(name):
+    template = os.environ.get(URL_VARIABLE) or DEFAULT_URL
+    if "{name}" not in template:
+        raise UserError(f"{URL_VARIABLE} must contain {{name}}, got {template!r}")
+    return template.format(name=name)
+
+
+def convert_pretrained(name, output_path):
+    """Download the official NAME.pth into a temporary folder and convert it to OUTPUT_PATH."""
+    import data
+    if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+        raise UserError(f"--pretrained {name!r} is not a model name; official ones: "
+                        + ", ".join(OFFICIAL_NAMES))
+    check_output(output_path)
+    with tempfile.TemporaryDirectory() as folder:
+        pth = data.download([pretrained_url(name)], Path(folder) / f"{name}.pth")
+        return convert(pth, output_path)
+
+
+def pretrained_generator(name, folder=PRETRAINED_DIR):
+    """FOLDER/NAME.h5, converted from the official NAME.pth the first time it is asked for."""
+    h5 = Path(folder) / f"{name}.h5"
+    if not h5.is_file():
+        model = convert_pretrained(name, h5)
+        print(f"Converted the official {name} ({describe(model)}) into {h5}")
+    return h5

@@ -1,0 +1,177 @@
+"""Official PyTorch checkpoints, read without PyTorch, compute what PyTorch computed.
+
+The fixtures in tests/fixtures/official were written by
+tests/fixtures/make_official_fixtures.py from the official networks.py
+with random N(0, 0.02) weights; each .npz holds an input and PyTorch's output.
+"""
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import write_images
+from conftest import one_line_error, serve_folder
+
+import main
+import pretrained
+
+FIXTURES = Path(__file__).parent / "fixtures" / "official"
+NETWORKS = ("resnet_2blocks_ngf8", "resnet_6blocks_ngf4", "resnet_9blocks_ngf4", "patch70_ndf8")
+LAYOUTS = {"resnet_2blocks_ngf8": ("generator", 8, 2), "resnet_6blocks_ngf4": ("generator", 4, 6),
+           "resnet_9blocks_ngf4": ("generator", 4, 9), "patch70_ndf8": ("discriminator", 8, 0)}
+
+
+def assert_matches_pytorch(pth, npz, image_size):
+    state = pretrained.read_pth(pth)
+    model = pretrained.convert_state_dict(state, image_size)
+    reference = np.load(npz)
+    out = np.asarray(model(reference["input"], training=False))
+    assert out.shape == reference["output"].shape
+    np.testing.assert_allclose(out, reference["output"], atol=1e-4, rtol=0)
+    return state, model
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+@pytest.mark.parametrize("name", NETWORKS)
+def test_converted_official_network_matches_pytorch(name, fmt):
+    state, model = assert_matches_pytorch(FIXTURES / f"{name}.{fmt}.pth", FIXTURES / f"{name}.npz", 64)
+    assert pretrained.official_layout(state)[:3] == LAYOUTS[name]
+    assert all(v.dtype == np.float32 for v in state.values())
+
+
+@pytest.mark.skipif(not os.environ.get("CYCLEGAN_FULL_FIXTURES"),
+                    reason="set CYCLEGAN_FULL_FIXTURES to a folder written by "
+                           "make_official_fixtures.py --full (45 MB per file)")
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+def test_full_size_official_generator_matches_pytorch(fmt):
+    folder = Path(os.environ["CYCLEGAN_FULL_FIXTURES"])
+    _, model = assert_matches_pytorch(folder / f"resnet_9blocks_ngf64.{fmt}.pth",
+                                      folder / "resnet_9blocks_ngf64.npz", 256)
+    assert model.count_params() == 11_378_179
+
+
+def test_pre_0_4_instance_norm_buffers_are_dropped():
+    raw = (FIXTURES / "resnet_9blocks_ngf4.legacy.pth").read_bytes()
+    assert b"running_mean" in raw and b"num_batches_tracked" in raw
+    state = pretrained.read_pth(FIXTURES / "resnet_9blocks_ngf4.legacy.pth")
+    assert not [k for k in state if k.endswith(pretrained.STALE_NORM_BUFFERS)]
+    assert set(state) == set(pretrained.read_pth(FIXTURES / "resnet_9blocks_ngf4.zip.pth"))
+
+
+class RunsCommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+def test_a_pickle_that_runs_code_is_refused_without_running_it(tmp_path, fmt):
+    marker = tmp_path / "ran"
+    payload = pickle.dumps({"model.1.weight": RunsCommand(marker)}, protocol=2)
+    path = tmp_path / "hostile.pth"
+    if fmt == "zip":
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("hostile/data.pkl", payload)
+    else:
+        path.write_bytes(payload)
+    with pytest.raises(pretrained.CheckpointError, match=r"refusing posix\.system|refusing os\.system"):
+        pretrained.read_pth(path)
+    assert not marker.exists()
+
+
+def test_a_tensor_cannot_point_outside_its_data():
+    storage = np.arange(6, dtype=np.float32)
+    np.testing.assert_array_equal(pretrained.rebuild_tensor(storage, 1, (2, 2), (3, 1)), [[1, 2], [4, 5]])
+    for offset, size, stride in ((3, (2, 2), (3, 1)), (0, (7,), (1,)), (0, (2,), (-1,))):
+        with pytest.raises(pretrained.CheckpointError):
+            pretrained.rebuild_tensor(storage, offset, size, stride)
+    with pytest.raises(pretrained.CheckpointError, match="malformed"):  # a view is no storage
+        pretrained.rebuild_tensor(storage.reshape(2, 3), 0, (2,), (1,))
+
+
+def test_wrong_layouts_name_what_was_expected():
+    state = pretrained.read_pth(FIXTURES / "resnet_2blocks_ngf8.zip.pth")
+    missing = {k: v for k, v in state.items() if k != "model.10.conv_block.5.weight"}
+    with pytest.raises(pretrained.CheckpointError, match="ResnetGenerator.*model.10.conv_block.5.weight is missing"):
+        pretrained.convert_state_dict(missing)
+    dropout = {k.replace("conv_block.5", "conv_block.6"): v for k, v in state.items()}
+    with pytest.raises(pretrained.CheckpointError, match="no dropout"):
+        pretrained.convert_state_dict(dropout)
+    wrong_shape = {**state, "model.4.weight": np.zeros((16, 8, 4, 4), np.float32)}
+    with pytest.raises(pretrained.CheckpointError, match=r"model.4.weight has shape \(16, 8, 4, 4\)"):
+        pretrained.convert_state_dict(wrong_shape)
+    with pytest.raises(pretrained.CheckpointError, match="expected an official CycleGAN"):
+        pretrained.convert_state_dict({"fc.weight": np.zeros((2, 2), np.float32)})
+
+
+@pytest.mark.parametrize("fmt", ["zip", "legacy"])
+def test_truncated_or_foreign_files_are_one_line_errors(tmp_path, capsys, fmt):
+    raw = (FIXTURES / f"resnet_2blocks_ngf8.{fmt}.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(raw[: len(raw) // 2])
+    err = one_line_error(["convert", "--pth", tmp_path / "cut.pth", "--output", tmp_path / "g.h5"], capsys)
+    assert "cut.pth" in err
+    (tmp_path / "notes.pth").write_text("not a checkpoint\n")
+    one_line_error(["convert", "--pth", tmp_path / "notes.pth", "--output", tmp_path / "g.h5"], capsys)
+    assert not (tmp_path / "g.h5").exists()
+
+
+def test_convert_then_translate_a_200x300_image(tmp_path, capsys):
+    h5 = tmp_path / "g.h5"
+    assert main.main(["convert", "--pth", str(FIXTURES / "resnet_9blocks_ngf4.legacy.pth"),
+                      "--output", str(h5)]) == 0
+    assert "resnet_9blocks generator, ngf 4" in capsys.readouterr().out
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (200, 300, 3), np.uint8)).save(
+        tmp_path / "wide.png")
+    assert main.main(["translate", "--generator", str(h5), "--input", str(tmp_path / "wide.png"),
+                      "--output", str(tmp_path / "out")]) == 0
+    assert Image.open(tmp_path / "out" / "wide.png").size == (300, 200)
+    # A second convert would overwrite: refused, the first kept.
+    one_line_error(["convert", "--pth", FIXTURES / "patch70_ndf8.zip.pth", "--output", h5], capsys)
+    assert keras.models.load_model(h5, compile=False).output.shape[-1] == 3
+
+
+@pytest.fixture
+def model_server(monkeypatch):
+    """The fixtures folder over loopback HTTP, as the pretrained-model address."""
+    with serve_folder(FIXTURES) as (base, requests):
+        monkeypatch.setenv(pretrained.URL_VARIABLE, f"{base}/{{name}}.zip.pth")
+        yield requests
+
+
+def test_translate_pretrained_downloads_converts_once_and_caches(tmp_path, monkeypatch, capsys,
+                                                                  model_server):
+    monkeypatch.chdir(tmp_path)
+    write_images(tmp_path / "paintings", 2, size=36)
+    args = ["translate", "--pretrained", "resnet_2blocks_ngf8", "--input", "paintings",
+            "--output", "photos"]
+    assert main.main(args) == 0
+    assert "Converted the official resnet_2blocks_ngf8" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "photos").iterdir()) == ["img_000.png", "img_001.png"]
+    assert sorted(p.name for p in (tmp_path / "pretrained").iterdir()) == ["resnet_2blocks_ngf8.h5"]
+    assert main.main(args + ["--overwrite"]) == 0
+    assert len(model_server) == 1  # the second run used the cached .h5
+
+    assert main.main(["convert", "--pretrained", "resnet_6blocks_ngf4", "--output", "g6.h5"]) == 0
+    assert "(resnet_6blocks generator, ngf 4) into g6.h5" in capsys.readouterr().out
+    assert (tmp_path / "g6.h5").is_file() and len(model_server) == 2
+
+
+def test_unknown_pretrained_model_names_the_address_tried(tmp_path, monkeypatch, capsys,
+                                                          model_server):
+    monkeypatch.chdir(tmp_path)
+    err = one_line_error(["translate", "--pretrained", "no_such_model", "--input", ".",
+                          "--output", "out"], capsys)
+    assert "/no_such_model.zip.pth" in err
+    assert not (tmp_path / "pretrained" / "no_such_model.h5").exists()
+    err = one_line_error(["translate", "--pretrained", "../etc", "--input", ".", "--output", "out"],
+                         capsys)
+    assert "monet2photo" in err
+    monkeypatch.setenv(pretrained.URL_VARIABLE, "http://127.0.0.1:1/model.pth")
+    assert "{name}" in one_line_error(["convert", "--pretrained", "x", "--output", "x.h5"], capsys)
