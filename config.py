@@ -24,15 +24,14 @@ def setting(default, help, shown=None):
 class Config:
     # Run bookkeeping.
     name: str = setting("cyclegan", "run name: RESULTS_DIR/NAME, LOG_DIR/NAME", shown="dataset name")
-    data: str = setting("demo", "demo, photos, an official dataset (downloaded) or a folder with "
-                                "trainA/ and trainB/")
+    data: str = setting("demo", "demo, photos, an official dataset or a folder with trainA/, trainB/")
     preset: str = setting("book", "book (the chapter), paper (Zhu et al.) or fast (the study's best)")
     results_dir: str = setting("results", "where run folders go")
     log_dir: str = setting("logs", "where TensorBoard logs go")
     seed: int = setting(0, "seeds Python, NumPy, TensorFlow and the data order")
 
     # Data.
-    image_size: int = setting(128, "training crop size in pixels, a multiple of 4, at least 32")
+    image_size: int = setting(128, "training crop size in pixels, a multiple of 4 from 32 to 1024")
     load_size: int = setting(0, "resize to this, then random-crop --image-size; 0: no crop")
     limit: int = setting(0, "images per domain; 0: all")
 
@@ -44,17 +43,16 @@ class Config:
     res_norm: str = setting("batch", "norm in the residual blocks")
     norm_affine: bool = setting(True, "learned scale and offset in instance norm")
     padding: str = setting("zero", "padding of the generator's stride-1 convs")
-    alignment: str = setting("keras", "keras: 'same' convs (stride 2 pads bottom/right); torch: "
-                                      "pads every side, as the official PyTorch networks")
+    alignment: str = setting("keras", "torch: pad as the official PyTorch networks; keras: 'same'")
     init: str = setting("glorot", "weight init; normal: N(0, 0.02)")
-    upsample: str = setting("transpose", "transposed conv, or nearest resize then conv (no checkerboard)")
+    upsample: str = setting("transpose", "resize: nearest resize then conv (no checkerboard)")
     global_skip: bool = setting(False, "output = input + a learned change: an untrained generator "
                                        "is the identity")
 
     # Discriminator.
-    disc: str = setting("book", "book: four stride-2 convs; patch70: the paper's 70x70 PatchGAN")
+    disc: str = setting("book", "book: four stride-2 convs; patch70: the paper's 70x70")
     disc_filters: int = setting(64, "width of the discriminator's first conv (official --ndf)")
-    disc_activation: str = setting("sigmoid", "discriminator output; linear: least squares on raw scores")
+    disc_activation: str = setting("sigmoid", "linear: least squares on raw scores")
 
     # Losses and optimisation.
     lambda_cycle: float = setting(10.0, "weight of each cycle loss (official --lambda_A, --lambda_B)")
@@ -68,12 +66,10 @@ class Config:
                                    "(official --n_epochs_decay)")
     steps_per_epoch: int = setting(0, "0: max(|A|, |B|) / batch size")
     pool_size: int = setting(0, "generated images kept per domain to train D on; 0: none")
-    d_update: str = setting("split", "split: D on real, then on fake; joint: one update on both, "
-                                     "loss halved")
+    d_update: str = setting("split", "split: real, then fake; joint: one update, loss halved")
 
     # Devices and speed.
-    strategy: str = setting("default", "default: one device; mirrored: all local GPUs; multiworker: "
-                                       "TF_CONFIG's machines")
+    strategy: str = setting("default", "one device, all local GPUs, or TF_CONFIG's machines")
     mixed_precision: bool = setting(False, "mixed_float16 compute, float32 weights and losses (GPU)")
     jit_compile: bool = setting(False, "XLA; slower on the CPU measured, try it on a GPU")
 
@@ -280,10 +276,9 @@ def flag_help(field):
 
 
 def flag_name(name, value):
-    flag = "--" + name.replace("_", "-")
     if isinstance(value, bool):
-        return f"--[no-]{flag[2:]}"
-    return f"{flag} {{{','.join(CHOICES[name])}}}" if name in CHOICES else flag
+        return f"--[no-]{flag(name)[2:]}"
+    return f"{flag(name)} {{{','.join(CHOICES[name])}}}" if name in CHOICES else flag(name)
 
 
 def flags_markdown():

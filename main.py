@@ -16,7 +16,6 @@ import json
 import os
 import sys
 import warnings
-from collections import defaultdict
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -24,7 +23,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import config  # noqa: E402
 
 COMMANDS = ("train", "translate", "evaluate", "summary", "benchmark", "study", "convert", "export")
-SAMPLE_COUNT = 3
 
 
 class CliError(config.UserError):
@@ -153,180 +151,12 @@ def config_from_args(args):
     given.setdefault("name", Path(data).resolve().name or "run")
     config.check_run_name(given["name"])
     if args.resume:
-        return resumed_config(given)
+        import train
+        return train.saved_config(given)
     preset = given.pop("preset", "book")
     if data == "demo":
         given = {**config.DEMO_DEFAULTS, **given}
     return config.make_config(preset, **given)
-
-
-def resumed_config(given):
-    path = Path(given.get("results_dir", config.Config.results_dir)) / given["name"] / "config.json"
-    if not path.is_file():
-        raise CliError(f"--resume: no run {given['name']!r} in {path.parent.parent}")
-    saved = {**config.BEFORE_IT_WAS_SAVED, **json.loads(path.read_text())}
-    for field in config.RESUME_FIXED:
-        if field in given and given[field] != saved[field]:
-            raise CliError(f"--resume: run {given['name']!r} was trained with "
-                           f"{config.flag(field)} {saved[field]}, not {given[field]}")
-    return config.make_config(saved.pop("preset"), **{**saved, **given})
-
-
-# --- train -----------------------------------------------------------------
-
-def run_paths(cfg):
-    root = Path(cfg.results_dir) / cfg.name
-    return {"root": root, "samples": root / "samples", "models": root / "models",
-            "checkpoints": root / "checkpoints", "history": root / "losses.csv",
-            "curves": root / "loss_curves.png", "config": root / "config.json"}
-
-
-def open_run_folder(cfg, paths, resume, overwrite):
-    """Lock results/NAME for this process; refuse to clobber an earlier run by accident."""
-    import train_utils as tu
-    lock = tu.RunLock(paths["root"])
-    try:
-        earlier = [p for p in paths["root"].iterdir() if p.name != tu.RunLock.FILE]
-        if earlier and not resume:
-            if not overwrite:
-                raise CliError(f"{paths['root']} already holds a run; pass --resume to continue "
-                               "it, --overwrite to replace it or --name to start another")
-            clear_run(cfg, earlier)
-        paths["samples"].mkdir(parents=True, exist_ok=True)
-    except BaseException:
-        lock.release()
-        raise
-    return lock
-
-
-def clear_run(cfg, entries):
-    """--overwrite: remove `entries` of results/NAME and the folder logs/NAME, nothing else."""
-    import shutil
-    for parent in (cfg.results_dir, cfg.log_dir):
-        folder = Path(parent) / cfg.name
-        if folder.is_symlink() or folder.resolve().parent != Path(parent).resolve():
-            raise CliError(f"--overwrite: {folder} is not a folder inside {parent}; remove it by hand")
-    for entry in entries:
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
-    shutil.rmtree(Path(cfg.log_dir) / cfg.name, ignore_errors=True)
-
-
-def save_config(cfg, paths):
-    from fileio import atomic_write
-    with atomic_write(paths["config"]) as tmp:
-        tmp.write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
-
-
-def sample_files(root, domain, cfg, count):
-    """A few fixed test images (train images when there is no test split)."""
-    import data
-    try:
-        return data.domain_files(root, "test", domain)[:count]
-    except data.DataError:
-        return data.domain_files(root, "train", domain, cfg.limit)[:count]
-
-
-def train(cfg, resume=False, overwrite=False):
-    import data
-
-    if cfg.data == "demo":
-        print("Training on the built-in demo data (pass --data NAME or --data PATH for your own).")
-    root = data.resolve_dataset(cfg.data)
-    files_a = data.domain_files(root, "train", "A", cfg.limit)
-    files_b = data.domain_files(root, "train", "B", cfg.limit)
-    paths = run_paths(cfg)
-    with open_run_folder(cfg, paths, resume, overwrite):
-        run_training(cfg, root, files_a, files_b, paths, resume)
-
-
-def run_training(cfg, root, files_a, files_b, paths, resume):
-    """Set up, restore, and run the epochs of a run whose folder this process holds."""
-    import keras
-    import data
-    import metrics
-    import train_utils as tu
-
-    fixed_a, fixed_b = (sample_files(root, d, cfg, max(SAMPLE_COUNT, metrics.PROBE_IMAGES))
-                        for d in "AB")
-    show_a = data.load_batch(fixed_a[:SAMPLE_COUNT], cfg.image_size)
-    show_b = data.load_batch(fixed_b[:SAMPLE_COUNT], cfg.image_size)
-    probe = metrics.probe_set(fixed_a, fixed_b, cfg.image_size)
-
-    strategy = tu.make_strategy(cfg.strategy)
-    replicas = strategy.num_replicas_in_sync
-    with tu.out_of_memory_as_user_error(cfg):
-        gan, pools, batches = tu.start_run(cfg, files_a, files_b, strategy)
-    with strategy.scope():
-        checkpoint = tu.RunCheckpoint(gan, pools, batches, paths["checkpoints"], cfg.image_size)
-    steps = data.steps_per_epoch(files_a, files_b, cfg, replicas)
-    total_steps = steps * cfg.total_epochs
-    step = checkpoint.restore() if resume else 0
-    save_config(cfg, paths)  # only now: a failed resume leaves the run's settings as they were
-    if resume and step >= total_steps:
-        if not all((paths["models"] / f).is_file() for f in tu.MODEL_FILES.values()):
-            tu.save_models(gan, paths["models"])
-        print(f"Run {cfg.name} already finished ({step} steps); nothing to do.")
-        return
-    if resume:
-        print(f"Resuming run {cfg.name} at step {step}.")
-    logger = tu.TensorBoardLogger(cfg.log_dir, cfg.name)
-    logger.graph(gan.g_ab)
-    logger.graph(gan.d_a)
-    history = tu.LossHistory(paths["history"])
-    checkpoint_every = cfg.checkpoint_every or steps
-    print(f"{len(files_a)} A and {len(files_b)} B images, {steps} steps per epoch, "
-          f"{cfg.total_epochs} epochs; TensorBoard: tensorboard --logdir {cfg.log_dir}")
-    if replicas > 1:
-        print(f"{replicas} replicas: global batch {cfg.batch_size * replicas} per domain")
-
-    with tu.StopOnSignal() as stop, tu.out_of_memory_as_user_error(cfg):
-        for epoch in range(step // steps + 1, cfg.total_epochs + 1):
-            lr = tu.learning_rate(epoch - 1, cfg)
-            tu.set_learning_rate(gan, lr)
-            print(f"Epoch {epoch}/{cfg.total_epochs} (learning rate {lr:.3g})")
-            bar = keras.utils.Progbar(steps, stateful_metrics=tu.LOSS_NAMES)
-            sums = defaultdict(float)
-            first = step % steps
-            for i in range(first, steps):
-                real_a, real_b = next(batches)
-                losses = tu.train_step(gan, real_a, real_b, pools, cfg)
-                tu.check_finite(losses, step + 1)
-                step += 1
-                for key, value in losses.items():
-                    sums[key] += value
-                if step % cfg.log_every == 0:
-                    logger.scalars({**losses, "learning_rate": lr}, step)
-                bar.update(i + 1, [(k, losses[k]) for k in tu.PROGRESS_NAMES])
-                mid_epoch = i + 1 < steps  # at its end, the epoch's outputs come first
-                if mid_epoch and (step % checkpoint_every == 0 or stop.requested):
-                    checkpoint.save(step)
-                if mid_epoch and stop.requested:
-                    return stopped(stop, cfg, step, logger)
-            history.append(epoch, {k: v / (steps - first) for k, v in sums.items()})
-            last = epoch == cfg.total_epochs
-            if epoch % cfg.sample_every == 0 or last:
-                grid = paths["samples"] / f"epoch_{epoch:04d}.png"
-                tu.save_sample_grid(gan, show_a, show_b, grid, f"{cfg.name}, epoch {epoch}")
-                logger.image_file("samples", grid, step)
-                tu.save_loss_curves(history, paths["curves"])
-                metrics.track(gan, probe, paths["root"], logger, step, epoch)
-            if epoch % cfg.save_every == 0 or last:
-                tu.save_models(gan, paths["models"])
-            if step % checkpoint_every == 0 or stop.requested:
-                checkpoint.save(step)  # after the epoch's outputs, so a resume never skips them
-            logger.flush()
-            if stop.requested and not last:
-                return stopped(stop, cfg, step, logger)
-    print(f"Done: samples, loss curves and models in {paths['root']}")
-
-
-def stopped(stop, cfg, step, logger):
-    logger.flush()
-    print(f"\n{stop.requested}: checkpoint saved at step {step}; "
-          f"continue with: python main.py --name {cfg.name} --resume")
 
 
 # --- translate -------------------------------------------------------------
@@ -501,7 +331,8 @@ def main(argv=None):
         elif args.command == "study":
             study_command(args)
         else:
-            train(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
+            import train
+            train.train(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
     except config.UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code

@@ -10,6 +10,7 @@ from conftest import one_line_error, page_links, read_tensorboard, run_cli, tiny
 
 import config
 import main
+import train
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
@@ -139,10 +140,20 @@ def test_summary_prints_book_sizes(capsys):
     (["evaluate", "--name", "nothing"], "no run 'nothing'"),
     (["evaluate", "--generators", "a.h5", "b.h5"], "--generators needs --data"),
     (["evaluate", "--generators", "a.h5", "b.h5", "--data", ".", "--image-size", "30"], "multiple of 4"),
+    (["--lr", "nan"], "--lr must be a number above 0"),
+    (["--lr", "inf"], "--lr must be a number above 0"),
+    (["--beta1", "5"], "--beta1 must be a number from 0"),
+    (["--lambda-cycle", "-10"], "--lambda-cycle must be a number from 0"),
+    (["--lambda-identity", "nan"], "--lambda-identity must be a number from 0"),
+    (["--image-size", "1000000"], "from 32 to 1024"),
+    (["--name", "../elsewhere"], "--name must be a plain folder name"),
+    (["--name", ".."], "--name must be a plain folder name"),
+    (["--name", ""], "--name must be a plain folder name"),
 ])
 def test_bad_input_is_a_one_line_error(tmp_path, monkeypatch, capsys, args, words):
     monkeypatch.chdir(tmp_path)
     assert words in one_line_error(args, capsys)
+    assert list(tmp_path.iterdir()) == []  # nothing written
 
 
 @pytest.mark.parametrize("args", [["--image-size", "30"], ["--data", "no/such/folder"]])
@@ -205,24 +216,6 @@ def test_resume_with_other_architecture_is_refused(trained_run, monkeypatch, cap
     assert "no run 'nothing'" in one_line_error(["--name", "nothing", "--resume"], capsys)
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--lr", "nan"], "--lr must be a number above 0"),
-    (["--lr", "inf"], "--lr must be a number above 0"),
-    (["--beta1", "5"], "--beta1 must be a number from 0"),
-    (["--lambda-cycle", "-10"], "--lambda-cycle must be a number from 0"),
-    (["--lambda-identity", "nan"], "--lambda-identity must be a number from 0"),
-    (["--image-size", "1000000"], "from 32 to 1024"),
-    (["--name", "../elsewhere"], "--name must be a plain folder name"),
-    (["--name", ".."], "--name must be a plain folder name"),
-    (["--name", ""], "--name must be a plain folder name"),
-])
-def test_out_of_range_values_and_path_like_names_are_one_line_errors(tmp_path, monkeypatch, capsys,
-                                                                      args, words):
-    monkeypatch.chdir(tmp_path)
-    assert words in one_line_error(args, capsys)
-    assert list(tmp_path.iterdir()) == []
-
-
 def test_a_path_like_dataset_names_the_run_after_the_folder_and_overwrite_stays_inside(
         tmp_path, monkeypatch):
     work = tmp_path / "project"
@@ -236,8 +229,8 @@ def test_a_path_like_dataset_names_the_run_after_the_folder_and_overwrite_stays_
     (work / "sub" / "results").mkdir()
     (work / "sub" / "results" / "run").symlink_to(tmp_path / "precious")
     cfg = main.config_from_args(main.parse_args(["--name", "run"]))
-    with pytest.raises(main.CliError, match="not a folder inside results"):
-        main.clear_run(cfg, list((work / "sub" / "results" / "run").iterdir()))
+    with pytest.raises(config.UserError, match="not a folder inside results"):
+        train.clear_run(cfg, list((work / "sub" / "results" / "run").iterdir()))
     assert (tmp_path / "precious" / "keep.txt").read_text() == "mine"
 
 
@@ -332,6 +325,6 @@ def test_a_run_saved_before_a_setting_existed_resumes_with_its_old_networks(tmp_
     (tmp_path / "results/old").mkdir(parents=True)
     (tmp_path / "results/old/config.json").write_text(json.dumps(old))
     given = {"name": "old", "results_dir": str(tmp_path / "results")}
-    assert main.resumed_config(given).alignment == "keras"
-    with pytest.raises(main.CliError, match="trained with --alignment keras, not torch"):
-        main.resumed_config({**given, "alignment": "torch"})
+    assert train.saved_config(given).alignment == "keras"
+    with pytest.raises(config.UserError, match="trained with --alignment keras, not torch"):
+        train.saved_config({**given, "alignment": "torch"})

@@ -297,3 +297,11 @@ def test_a_file_name_that_is_not_utf8_is_read(tmp_path):
 
 def test_to_unit_maps_network_range_to_display_range():
     np.testing.assert_allclose(data.to_unit(np.array([-1.0, 0.0, 1.0, 2.0])), [0, 0.5, 1, 1])
+
+
+def test_startup_checks_images_without_decoding_them_in_tensorflow(tiny_dataset, monkeypatch):
+    """Listing a domain reads headers only: a run or resume of a large dataset starts at once."""
+    def no_decode(*args, **kwargs):
+        raise AssertionError("an image was decoded at start-up")
+    monkeypatch.setattr(tf.io, "decode_image", no_decode)
+    assert len(data.domain_files(tiny_dataset, "train", "A")) == 5
