@@ -189,20 +189,24 @@ def train(cfg, resume=False, overwrite=False):
     import metrics
     import train_utils as tu
 
+    # Before any TensorFlow op runs: --strategy multiworker sets up collective ops, which
+    # TensorFlow accepts only at program start-up.
+    strategy = tu.make_strategy(cfg.strategy)
+    chief = strategy.extended.should_checkpoint  # only the chief of several workers writes
     if cfg.data == "demo":
         print("Training on the built-in demo data (pass --data NAME or --data PATH for your own).")
     root = data.resolve_dataset(cfg.data)
     files_a = data.domain_files(root, "train", "A", cfg.limit)
     files_b = data.domain_files(root, "train", "B", cfg.limit)
     paths = run_paths(cfg)
-    prepare_run_folder(cfg, paths, resume, overwrite)
+    if chief:
+        prepare_run_folder(cfg, paths, resume, overwrite)
     fixed_a, fixed_b = (sample_files(root, d, cfg, max(SAMPLE_COUNT, metrics.PROBE_IMAGES))
                         for d in "AB")
     show_a = data.load_batch(fixed_a[:SAMPLE_COUNT], cfg.image_size)
     show_b = data.load_batch(fixed_b[:SAMPLE_COUNT], cfg.image_size)
     probe = metrics.probe_set(fixed_a, fixed_b, cfg.image_size)
 
-    strategy = tu.make_strategy(cfg.strategy)
     replicas = strategy.num_replicas_in_sync
     gan, pools, batches = tu.start_run(cfg, files_a, files_b, strategy)
     with strategy.scope():
@@ -215,7 +219,7 @@ def train(cfg, resume=False, overwrite=False):
         return
     if resume:
         print(f"Resuming run {cfg.name} at step {step}.")
-    logger = tu.TensorBoardLogger(cfg.log_dir, cfg.name)
+    logger = tu.TensorBoardLogger(cfg.log_dir, cfg.name) if chief else tu.NoLogger()
     logger.graph(gan.g_ab)
     logger.graph(gan.d_a)
     history = tu.LossHistory(paths["history"])
@@ -243,13 +247,16 @@ def train(cfg, resume=False, overwrite=False):
                 if step % cfg.log_every == 0:
                     logger.scalars({**losses, "learning_rate": lr}, step)
                 bar.update(i + 1, [(k, losses[k]) for k in ("D_A", "D_B", "G_total")])
-                if step % checkpoint_every == 0 or stop.requested:
+                stopping = tu.agreed_stop(strategy, stop.requested)
+                if chief and (step % checkpoint_every == 0 or stopping):
                     checkpoint.save(step)
-                if stop.requested:
+                if stopping:
                     logger.flush()
-                    print(f"\n{stop.requested}: checkpoint saved at step {step}; "
+                    print(f"\n{stopping}: checkpoint saved at step {step}; "
                           f"continue with: python main.py --name {cfg.name} --resume")
                     return
+            if not chief:
+                continue
             history.append(epoch, {k: v / (steps - first) for k, v in sums.items()})
             last = epoch == cfg.total_epochs
             if epoch % cfg.sample_every == 0 or last:
@@ -261,7 +268,8 @@ def train(cfg, resume=False, overwrite=False):
             if epoch % cfg.save_every == 0 or last:
                 tu.save_models(gan, paths["models"])
             logger.flush()
-    print(f"Done: samples, loss curves and models in {paths['root']}")
+    print(f"Done: samples, loss curves and models in {paths['root']}" if chief else
+          "Done: this worker's part is over; the chief wrote the results")
 
 
 # --- translate -------------------------------------------------------------

@@ -30,7 +30,10 @@ def norm_layer(kind, cfg):
     normalised over image rows; this normalises each channel over H and W.
     """
     if kind == "batch":
-        return layers.BatchNormalization(momentum=0.9, epsilon=1e-5)
+        # Under a strategy, statistics of the global batch: every replica then keeps the
+        # same running averages, as one device with the global batch would.
+        return layers.BatchNormalization(momentum=0.9, epsilon=1e-5,
+                                         synchronized=cfg.strategy != "default")
     return layers.GroupNormalization(
         groups=-1, epsilon=1e-5, center=cfg.norm_affine, scale=cfg.norm_affine)
 

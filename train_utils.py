@@ -4,6 +4,7 @@ import csv
 import logging
 import os
 import signal
+import weakref
 from pathlib import Path
 
 import matplotlib
@@ -102,13 +103,27 @@ def make_strategy(name):
     return tf.distribute.get_strategy()
 
 
+def agreed_stop(strategy, requested):
+    """The stop request of this process or, across several workers, of any of them.
+
+    Every worker must stop after the same step, or the others would wait
+    for it in the next step's all-reduce forever: one tiny all-reduce a step.
+    """
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        votes = strategy.experimental_distribute_values_from_function(
+            lambda context: tf.constant(float(requested is not None)))
+        if strategy.reduce("SUM", votes, axis=None) > 0:
+            return requested or "stop requested on another worker"
+    return requested
+
+
 def fit_batch(model, x, y):
     """One optimizer step of a compiled model; returns its losses as floats.
 
     With one replica this is plain `train_on_batch`. With several, Keras 3's
-    `train_on_batch` would hand every replica the whole batch, so the same
-    compiled train function is called with the batch split across replicas
-    (gradients are then all-reduced, as in `fit`).
+    `train_on_batch` would hand every replica the whole batch, so the model's
+    own `train_step` runs on each replica's share of the batch (gradients are
+    then all-reduced, as in `fit`).
     """
     strategy = model.distribute_strategy
     if model.train_function is None:
@@ -121,11 +136,30 @@ def fit_batch(model, x, y):
     if strategy.num_replicas_in_sync == 1:
         logs = model.train_on_batch(x, y, return_dict=True)
     else:
-        model.make_train_function()
         model.reset_metrics()  # as train_on_batch: losses of this batch only
         shards = tf.nest.map_structure(lambda t: split_across_replicas(strategy, t), (x, y))
-        logs = model.train_function(iter([shards + (None,)]))
+        logs = replicated_train_function(model)(shards + (None,))
     return {k: float(v) for k, v in logs.items()}
+
+
+_REPLICATED_STEPS = weakref.WeakKeyDictionary()
+
+
+def replicated_train_function(model):
+    """`model.train_step` on every replica, losses averaged over replicas; traced once per model.
+
+    Keras 3's own train function cannot average scalar losses across
+    several workers (it reduces them along an axis they do not have).
+    """
+    if model not in _REPLICATED_STEPS:
+        strategy = model.distribute_strategy
+
+        @tf.function
+        def train(data):
+            logs = strategy.run(model.train_step, args=(data,))
+            return {k: strategy.reduce("MEAN", v, axis=None) for k, v in logs.items()}
+        _REPLICATED_STEPS[model] = train
+    return _REPLICATED_STEPS[model]
 
 
 def split_across_replicas(strategy, tensor):
@@ -205,8 +239,8 @@ class RunCheckpoint:
             return 0
         self.manager.checkpoint.restore(self.manager.latest_checkpoint).assert_existing_objects_matched()
         for pool, images, count in zip(self.pools, self.pool_images, self.pool_counts):
-            pool.images = list(images.numpy()[:int(count)])
-        return int(self.step)
+            pool.images = list(images.numpy()[:int(count.numpy())])
+        return int(self.step.numpy())  # .numpy(): a MirroredVariable under a strategy
 
 
 class StopOnSignal:
@@ -255,6 +289,13 @@ class TensorBoardLogger:
 
     def flush(self):
         self.writer.flush()
+
+
+class NoLogger:
+    """TensorBoardLogger's interface for workers that write nothing (not the chief)."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
 
 
 class LossHistory:
