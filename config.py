@@ -56,7 +56,7 @@ class Config:
 
     # Devices and speed.
     strategy: str = "default"        # default | mirrored (all local GPUs) | multiworker (TF_CONFIG)
-    mixed_precision: bool = False    # mixed_float16 compute, float32 weights and losses (GPU)
+    precision: str = "auto"          # auto | float32 | bfloat16 | float16 (compute; weights stay float32)
     jit_compile: bool = False        # XLA; slower on the 2-core CPU measured, try it on a GPU
 
     # Outputs.
@@ -137,7 +137,7 @@ DEMO_DEFAULTS = dict(image_size=32, epochs=4, sample_every=1, save_every=2)
 # Settings that shape the networks or the data they see: a resumed run must keep them.
 ARCHITECTURE_FIELDS = ("image_size", "filters", "res_blocks", "norm", "res_norm", "norm_affine",
                        "padding", "upsample", "global_skip", "disc", "disc_activation", "pool_size",
-                       "batch_size")
+                       "batch_size", "precision")
 
 CHOICES = {
     "norm": ("instance", "batch"),
@@ -149,6 +149,7 @@ CHOICES = {
     "disc_activation": ("sigmoid", "linear"),
     "d_update": ("split", "joint"),
     "strategy": ("default", "mirrored", "multiworker"),
+    "precision": ("auto", "float32", "bfloat16", "float16"),
 }
 
 

@@ -80,6 +80,9 @@ def build_parser():
     bench.add_argument("--steps", type=int, default=10, help="timed training steps")
     bench.add_argument("--pipeline-images", type=int, default=200, help="image files per domain")
     bench.add_argument("--json", action="store_true", help="print the figures as JSON")
+    bench.add_argument("--compare", action="store_true",
+                       help="time float32 and --precision auto's choice, steps interleaved, "
+                            "and print their ratio")
     translate = commands.add_parser("translate", help="translate images with a saved generator")
     translate.add_argument("--generator", required=True, help="a saved generator .h5")
     translate.add_argument("--input", required=True, help="an image file or a folder of images")
@@ -142,6 +145,8 @@ def resumed_config(given):
     if not path.is_file():
         raise CliError(f"--resume: no run {given['name']!r} in {path.parent.parent}")
     saved = json.loads(path.read_text())
+    if "mixed_precision" in saved:  # a run from before --precision
+        saved["precision"] = "float16" if saved.pop("mixed_precision") else "float32"
     for field in config.ARCHITECTURE_FIELDS + ("preset", "data"):
         if field in given and given[field] != saved[field]:
             raise CliError(f"--resume: run {given['name']!r} was trained with "
@@ -187,12 +192,16 @@ def train(cfg, resume=False, overwrite=False):
     import keras
     import data
     import metrics
+    import models
     import train_utils as tu
 
     # Before any TensorFlow op runs: --strategy multiworker sets up collective ops, which
     # TensorFlow accepts only at program start-up.
     strategy = tu.make_strategy(cfg.strategy)
     chief = strategy.extended.should_checkpoint  # only the chief of several workers writes
+    precision, why = models.choose_precision(cfg.precision)
+    cfg = dataclasses.replace(cfg, precision=precision)  # config.json records the choice
+    print(f"Precision: {precision} ({why})")
     if cfg.data == "demo":
         print("Training on the built-in demo data (pass --data NAME or --data PATH for your own).")
     root = data.resolve_dataset(cfg.data)
@@ -357,7 +366,10 @@ def benchmark(args):
     cfg = config.make_config(given.pop("preset") or "book", **given)
     if args.steps < 1 or args.pipeline_images < 1:
         raise CliError("--steps and --pipeline-images must be at least 1")
-    figures = bench.run_benchmark(cfg, args.steps, args.pipeline_images)
+    if args.compare:
+        figures = bench.compare_precisions(cfg, args.steps)
+    else:
+        figures = bench.run_benchmark(cfg, args.steps, args.pipeline_images)
     print(json.dumps(figures, indent=2) if args.json else bench.format_figures(figures))
 
 

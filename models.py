@@ -196,11 +196,42 @@ class CycleGAN:
         self.d_b.trainable = flag
 
 
+# Keras policies: float32 weights, optimizer and losses under each; norms compute in float32.
+POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+NATIVE_BFLOAT16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def native_bfloat16(cpuinfo="/proc/cpuinfo"):
+    """Why this machine computes bfloat16 natively, or None where it would emulate it (slowly)."""
+    import tensorflow as tf
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:  # bfloat16 tensor cores from Ampere (compute capability 8.0) on
+        capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability")
+        return f"GPU compute capability {capability}" if capability and capability >= (8, 0) else None
+    flags = set()
+    with contextlib.suppress(OSError), open(cpuinfo) as lines:
+        for line in lines:
+            if line.startswith("flags"):
+                flags.update(line.split(":", 1)[1].split())
+    found = [flag for flag in NATIVE_BFLOAT16_CPU_FLAGS if flag in flags]
+    return "CPU with " + ", ".join(found) if found else None
+
+
+def choose_precision(requested):
+    """(precision, why) for --precision: auto is bfloat16 where it is native, else float32."""
+    if requested != "auto":
+        return requested, "as asked"
+    native = native_bfloat16()
+    if native:
+        return "bfloat16", f"auto: native bfloat16 ({native})"
+    return "float32", "auto: no native bfloat16 on this device"
+
+
 @contextlib.contextmanager
 def dtype_policy(cfg):
-    """Layers built inside compute in float16 with --mixed-precision, float32 otherwise."""
+    """Layers built inside compute in cfg's precision (auto resolved for this device)."""
     previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("mixed_float16" if cfg.mixed_precision else "float32")
+    keras.config.set_dtype_policy(POLICIES[choose_precision(cfg.precision)[0]])
     try:
         yield
     finally:
@@ -219,10 +250,23 @@ def build_cyclegan(cfg):
         d_a = build_discriminator(cfg, "discriminator_A")
         d_b = build_discriminator(cfg, "discriminator_B")
         for d in (d_a, d_b):
-            # Under mixed_float16, Keras 3 wraps the optimizer in a LossScaleOptimizer itself.
+            # Under mixed_float16 (not bfloat16), Keras 3 adds loss scaling to the optimizer itself.
             d.compile(optimizer=make_optimizer(cfg), loss="mse", jit_compile=cfg.jit_compile)
         adversarial = build_adversarial_model(g_ab, g_ba, d_a, d_b, cfg)
     return CycleGAN(g_ab, g_ba, d_a, d_b, adversarial, cfg.jit_compile)
+
+
+def float32_twin(model):
+    """The same network and weights computing in float32: what a saved model should be."""
+    if model.compute_dtype == "float32":
+        return model
+    config = model.get_config()
+    for layer in config["layers"]:
+        layer["config"]["dtype"] = "float32"
+    twin = model.__class__.from_config(config)
+    twin.set_weights(model.get_weights())
+    twin.trainable = model.trainable
+    return twin
 
 
 def load_generator(path):

@@ -4,6 +4,7 @@ import csv
 import logging
 import os
 import signal
+import time
 import weakref
 from pathlib import Path
 
@@ -177,17 +178,35 @@ def update_discriminator(d, real, fake, cfg):
     return 0.5 * (fit_batch(d, real, ones)["loss"] + fit_batch(d, fake, 0 * ones)["loss"])
 
 
-def train_step(gan, real_a, real_b, pools, cfg):
-    """One CycleGAN iteration: both discriminators, then both generators."""
-    fake_b, fake_a = gan.translate(real_a, real_b)
-    fake_a = pools[0].query(fake_a)
-    fake_b = pools[1].query(fake_b)
+@contextlib.contextmanager
+def timed_part(times, part):
+    """Adds the seconds of the block to times[part] (no-op when times is None).
+
+    Every call inside returns host values (floats, NumPy), so the work is done when it ends.
+    """
+    start = time.perf_counter()
+    yield
+    if times is not None:
+        times[part] = times.get(part, 0.0) + time.perf_counter() - start
+
+
+def train_step(gan, real_a, real_b, pools, cfg, times=None):
+    """One CycleGAN iteration: both discriminators, then both generators.
+
+    With a dict as `times`, adds the seconds of each part of the step to it.
+    """
+    with timed_part(times, "fakes_s"):
+        fake_b, fake_a = gan.translate(real_a, real_b)
+        fake_a = pools[0].query(fake_a)
+        fake_b = pools[1].query(fake_b)
     gan.set_discriminators_trainable(True)
-    losses = {"D_A": update_discriminator(gan.d_a, real_a, fake_a, cfg),
-              "D_B": update_discriminator(gan.d_b, real_b, fake_b, cfg)}
+    with timed_part(times, "discriminator_updates_s"):
+        losses = {"D_A": update_discriminator(gan.d_a, real_a, fake_a, cfg),
+                  "D_B": update_discriminator(gan.d_b, real_b, fake_b, cfg)}
     gan.set_discriminators_trainable(False)
     ones = tf.ones((real_a.shape[0],) + gan.patch_shape)
-    g = fit_batch(gan.adversarial, [real_a, real_b], [ones, ones, real_a, real_b, real_a, real_b])
+    with timed_part(times, "adversarial_update_s"):
+        g = fit_batch(gan.adversarial, [real_a, real_b], [ones, ones, real_a, real_b, real_a, real_b])
     losses.update({name: g[f"{name}_loss"] for name in OUTPUT_NAMES})
     losses["G_total"] = g["loss"]
     return losses
@@ -376,7 +395,7 @@ def save_sample_grid(gan, batch_a, batch_b, path, title):
 
 
 def save_models(gan, folder):
-    """The four networks as .h5, each written whole before it replaces the last."""
+    """The four networks as float32 .h5, each written whole before it replaces the last."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     gan.set_discriminators_trainable(True)  # a reloaded discriminator should train
@@ -384,7 +403,7 @@ def save_models(gan, folder):
         tmp = atomic_path(folder / filename)
         # .h5 on purpose (the chapter's format); Keras's "legacy format" note is noise here.
         with silence_absl_warnings():
-            getattr(gan, attr).save(tmp)
+            models.float32_twin(getattr(gan, attr)).save(tmp)
         os.replace(tmp, folder / filename)
 
 

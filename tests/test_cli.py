@@ -57,6 +57,8 @@ def test_training_writes_every_output(trained_run):
     assert sorted(p.name for p in (run / "models").iterdir()) == [
         "discriminatorA.h5", "discriminatorB.h5", "generatorAToB.h5", "generatorBToA.h5"]
     assert "4 A and 3 B images, 4 steps per epoch, 2 epochs" in result.stdout
+    precision = json.loads((run / "config.json").read_text())["precision"]  # auto, decided
+    assert f"Precision: {precision} (auto: " in result.stdout.splitlines()[0]
     assert not list(run.rglob(".*tmp*"))  # no temporary files left
 
 
@@ -224,4 +226,6 @@ def test_resume_with_other_architecture_is_refused(trained_run, monkeypatch, cap
     monkeypatch.chdir(work)
     err = one_line_error(["--data", "data", "--name", "tiny", "--resume", "--filters", 64], capsys)
     assert "trained with --filters 32, not 64" in err
+    err = one_line_error(["--data", "data", "--name", "tiny", "--resume", "--precision", "float16"], capsys)
+    assert "--precision" in err and "not float16" in err
     assert "no run 'nothing'" in one_line_error(["--name", "nothing", "--resume"], capsys)

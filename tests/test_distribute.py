@@ -45,7 +45,8 @@ def test_mirrored_steps_match_one_device_with_the_same_global_batch(tmp_path):
 
         def weights_after(strategy, batch_size, images):
             # The four networks' weights before and after training from one seed.
-            cfg = make_config(image_size=32, res_norm="instance", filters=8, batch_size=batch_size)
+            cfg = make_config(image_size=32, res_norm="instance", filters=8, batch_size=batch_size,
+                              precision="float32")
             keras.utils.set_random_seed(0)
             with strategy.scope():
                 gan = models.build_cyclegan(cfg)
