@@ -42,13 +42,14 @@ def conv_gflop(model, batch, size):
 
 
 def iteration_gflop(gan, cfg):
-    """One train_step: 2 G forwards for the fakes, 4 D updates' worth of
-    D passes (forward + backward = 3 forwards), and in the adversarial
-    update 6 G passes with weight gradients (3x) and 2 D passes with input
-    gradients only (2x)."""
+    """One train_step: in the adversarial update 6 G passes with weight
+    gradients (forward + backward = 3 forwards) and 2 D passes with input
+    gradients only (2x), 4 D updates' worth of D passes (3x), and, under
+    several replicas only, 2 G forwards for the fakes."""
     g = conv_gflop(gan.g_ab, cfg.batch_size, cfg.image_size)
     d = conv_gflop(gan.d_a, cfg.batch_size, cfg.image_size)
-    return 20 * g + 16 * d
+    fakes = 2 if gan.adversarial.distribute_strategy.num_replicas_in_sync > 1 else 0
+    return (18 + fakes) * g + 16 * d
 
 
 def machine_gflop_s(dtype="float32"):

@@ -146,13 +146,32 @@ def make_optimizer(cfg):
     return keras.optimizers.Adam(cfg.lr, beta_1=cfg.beta1)
 
 
+class KeepLatest(layers.Layer):
+    """Passes its input on and, when training, keeps a float32 copy of it.
+
+    In the adversarial model it keeps the fakes that the generators' update
+    computes, so the discriminator updates need no second pass to make them.
+    """
+
+    def __init__(self, shape, **kwargs):
+        super().__init__(**kwargs)
+        # Under several replicas the loop makes the fakes itself; the first replica's write is harmless.
+        self.latest = self.add_weight(shape=shape, initializer="zeros", trainable=False,
+                                      dtype="float32", aggregation="only_first_replica", name="latest")
+
+    def call(self, inputs, training=False):
+        if training:
+            self.latest.assign(keras.ops.cast(inputs, "float32"))
+        return inputs
+
+
 def build_adversarial_model(g_ab, g_ba, d_a, d_b, cfg):
     """[real_A, real_B] -> the six generator-loss outputs, discriminators frozen."""
     shape = (cfg.image_size, cfg.image_size, 3)
     real_a = keras.Input(shape, name="real_A")
     real_b = keras.Input(shape, name="real_B")
-    fake_b = g_ab(real_a)
-    fake_a = g_ba(real_b)
+    fake_b = KeepLatest((cfg.batch_size,) + shape, name="fake_B")(g_ab(real_a))
+    fake_a = KeepLatest((cfg.batch_size,) + shape, name="fake_A")(g_ba(real_b))
     outputs = [d_a(fake_a), d_b(fake_b), g_ba(fake_b), g_ab(fake_a), g_ba(real_a), g_ab(real_b)]
     outputs = [layers.Identity(name=n)(o) for n, o in zip(OUTPUT_NAMES, outputs)]
     d_a.trainable = False
@@ -181,6 +200,10 @@ class CycleGAN:
         def translate(real_a, real_b):
             return self.g_ab(real_a, training=False), self.g_ba(real_b, training=False)
         self.translate = translate
+
+    def fakes_of_last_update(self):
+        """(fake_B, fake_A) as the last adversarial update computed them, before it changed G."""
+        return tuple(self.adversarial.get_layer(name).latest.value for name in ("fake_B", "fake_A"))
 
     @property
     def patch_shape(self):

@@ -191,22 +191,30 @@ def timed_part(times, part):
 
 
 def train_step(gan, real_a, real_b, pools, cfg, times=None):
-    """One CycleGAN iteration: both discriminators, then both generators.
+    """One CycleGAN iteration in the official implementation's order: both generators,
+    then both discriminators on the fakes the generators' update computed.
 
+    The adversarial model keeps those fakes, so they cost no second pass;
+    under several replicas, where each replica holds only its share, they
+    are made by a separate inference pass before the generators change.
     With a dict as `times`, adds the seconds of each part of the step to it.
     """
+    replicated = gan.adversarial.distribute_strategy.num_replicas_in_sync > 1
+    if replicated:
+        with timed_part(times, "fakes_s"):
+            fakes = gan.translate(real_a, real_b)
+    gan.set_discriminators_trainable(False)
+    ones = tf.ones((real_a.shape[0],) + gan.patch_shape)
+    with timed_part(times, "adversarial_update_s"):
+        g = fit_batch(gan.adversarial, [real_a, real_b], [ones, ones, real_a, real_b, real_a, real_b])
     with timed_part(times, "fakes_s"):
-        fake_b, fake_a = gan.translate(real_a, real_b)
+        fake_b, fake_a = fakes if replicated else gan.fakes_of_last_update()
         fake_a = pools[0].query(fake_a)
         fake_b = pools[1].query(fake_b)
     gan.set_discriminators_trainable(True)
     with timed_part(times, "discriminator_updates_s"):
         losses = {"D_A": update_discriminator(gan.d_a, real_a, fake_a, cfg),
                   "D_B": update_discriminator(gan.d_b, real_b, fake_b, cfg)}
-    gan.set_discriminators_trainable(False)
-    ones = tf.ones((real_a.shape[0],) + gan.patch_shape)
-    with timed_part(times, "adversarial_update_s"):
-        g = fit_batch(gan.adversarial, [real_a, real_b], [ones, ones, real_a, real_b, real_a, real_b])
     losses.update({name: g[f"{name}_loss"] for name in OUTPUT_NAMES})
     losses["G_total"] = g["loss"]
     return losses

@@ -192,3 +192,22 @@ def test_precision_sets_compute_dtype_and_keeps_weights_outputs_and_losses_float
     # Loss scaling only where float16's range needs it.
     scaled = isinstance(gan.adversarial.optimizer, keras.optimizers.LossScaleOptimizer)
     assert scaled == (precision == "float16")
+
+
+def test_adversarial_update_keeps_the_fakes_it_computed_before_changing_the_generators():
+    """The discriminators train on these: no second generator pass per step, as in the official code."""
+    cfg = build(image_size=32, filters=8, precision="float32")
+    keras.utils.set_random_seed(0)
+    gan = models.build_cyclegan(cfg)
+    rng = np.random.default_rng(0)
+    a, b = (rng.uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32) for _ in range(2))
+    expected = [np.asarray(gan.g_ab(a, training=True)), np.asarray(gan.g_ba(b, training=True))]
+    ones = np.ones((1,) + gan.patch_shape, np.float32)
+    g_ab = weights(gan.g_ab)
+    gan.set_discriminators_trainable(False)
+    gan.adversarial.train_on_batch([a, b], [ones, ones, a, b, a, b])
+    assert changed(g_ab, gan.g_ab)
+    for kept, fake in zip(gan.fakes_of_last_update(), expected):
+        np.testing.assert_allclose(kept, fake, atol=1e-4)
+    # Keeping them adds no trainable weight: the adversarial model trains both generators only.
+    assert len(gan.adversarial.trainable_weights) == 2 * len(gan.g_ab.trainable_weights)
