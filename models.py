@@ -203,7 +203,9 @@ class CycleGAN:
 
     def fakes_of_last_update(self):
         """(fake_B, fake_A) as the last adversarial update computed them, before it changed G."""
-        return tuple(self.adversarial.get_layer(name).latest.value for name in ("fake_B", "fake_A"))
+        # Tensors, not the variables: a variable would make the D updates trace again.
+        return tuple(tf.convert_to_tensor(self.adversarial.get_layer(name).latest)
+                     for name in ("fake_B", "fake_A"))
 
     @property
     def patch_shape(self):
