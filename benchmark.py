@@ -3,6 +3,7 @@
 Every figure comes from one run on one device, so ratios between them
 (utilization, speedups, headroom) stay comparable across noisy machines.
 """
+import dataclasses
 import resource
 import statistics
 import tempfile
@@ -17,7 +18,7 @@ import models
 import train_utils as tu
 
 WARMUP_STEPS = 2       # the first step traces five functions; the second settles caches
-MATMUL_N = 2048
+MATMUL_SIZES = (512, 1024, 2048)
 PIPELINE_BATCHES = 100
 
 
@@ -41,26 +42,37 @@ def conv_gflop(model, batch, size):
 
 
 def iteration_gflop(gan, cfg):
-    """One train_step: 2 G forwards for the fakes, 4 D updates' worth of
-    D passes (forward + backward = 3 forwards), and in the adversarial
-    update 6 G passes with weight gradients (3x) and 2 D passes with input
-    gradients only (2x)."""
+    """One train_step: in the adversarial update 6 G passes with weight
+    gradients (forward + backward = 3 forwards) and 2 D passes with input
+    gradients only (2x), 4 D updates' worth of D passes (3x), and, under
+    several replicas only, 2 G forwards for the fakes."""
     g = conv_gflop(gan.g_ab, cfg.batch_size, cfg.image_size)
     d = conv_gflop(gan.d_a, cfg.batch_size, cfg.image_size)
-    return 20 * g + 16 * d
+    fakes = 2 if gan.adversarial.distribute_strategy.num_replicas_in_sync > 1 else 0
+    return (18 + fakes) * g + 16 * d
 
 
-def machine_gflop_s(seconds=2.0):
-    """Dense float32 matmul rate on the default device: the yardstick for utilization."""
-    a = tf.random.normal((MATMUL_N, MATMUL_N))
-    matmul = tf.function(lambda x: tf.reduce_sum(tf.matmul(x, x)))
+def machine_gflop_s(dtype="float32"):
+    """Best dense matmul rate over MATMUL_SIZES in `dtype` on the default device.
+
+    The yardstick for utilization, in the precision the run computes in: one
+    size can be far from the best (210 against 420 GFLOP/s seen), which
+    made utilization exceed 1.
+    """
+    return max(matmul_gflop_s(n, dtype) for n in MATMUL_SIZES)
+
+
+def matmul_gflop_s(n, dtype, seconds=0.7):
+    """The best rate of an n x n matmul in `dtype` over `seconds` of repeats."""
+    a = tf.cast(tf.random.normal((n, n)), dtype)
+    matmul = tf.function(lambda x: tf.reduce_sum(tf.cast(tf.matmul(x, x), tf.float32)))
     matmul(a).numpy()
     best, deadline = float("inf"), time.perf_counter() + seconds
     while time.perf_counter() < deadline:
         start = time.perf_counter()
         matmul(a).numpy()
         best = min(best, time.perf_counter() - start)
-    return 2 * MATMUL_N ** 3 / best / 1e9
+    return 2 * n ** 3 / best / 1e9
 
 
 def timed(fn, repeats):
@@ -73,42 +85,55 @@ def timed(fn, repeats):
     return times
 
 
-def step_times(gan, cfg, steps, replicas):
-    """Seconds per real train_step on synthetic batches, after a warm-up."""
-    rng = np.random.default_rng(cfg.seed)
-    shape = (cfg.batch_size * replicas, cfg.image_size, cfg.image_size, 3)
-    real_a, real_b = (tf.constant(rng.uniform(-1, 1, shape), tf.float32) for _ in "AB")
-    pools = (tu.ImagePool(cfg.pool_size, 0), tu.ImagePool(cfg.pool_size, 1))
-    run = lambda: tu.train_step(gan, real_a, real_b, pools, cfg)
-    timed(run, WARMUP_STEPS)
-    return timed(run, steps), real_a, real_b
+class StepRun:
+    """A fresh CycleGAN for cfg and its real train_step on synthetic batches, warmed up.
 
+    `parts` sums the seconds of each part of the step as measured inside it
+    (train_step's `times`), over the timed steps only.
+    """
 
-def step_breakdown(gan, cfg, real_a, real_b, repeats=3):
-    """Median seconds of each part of train_step, timed one part at a time."""
-    fake_b, fake_a = gan.translate(real_a, real_b)
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.strategy = tu.make_strategy(cfg.strategy)
+        self.replicas = self.strategy.num_replicas_in_sync
+        with self.strategy.scope():
+            self.gan = models.build_cyclegan(cfg)
+        rng = np.random.default_rng(cfg.seed)
+        shape = (cfg.batch_size * self.replicas, cfg.image_size, cfg.image_size, 3)
+        self.real_a, self.real_b = (tf.constant(rng.uniform(-1, 1, shape), tf.float32) for _ in "AB")
+        self.pools = (tu.ImagePool(cfg.pool_size, 0), tu.ImagePool(cfg.pool_size, 1))
+        self.parts, self.times = {}, []
+        timed(self.step, WARMUP_STEPS)
+        self.parts.clear()
 
-    def discriminators():
-        gan.set_discriminators_trainable(True)
-        tu.update_discriminator(gan.d_a, real_a, fake_a, cfg)
-        tu.update_discriminator(gan.d_b, real_b, fake_b, cfg)
+    def step(self):
+        tu.train_step(self.gan, self.real_a, self.real_b, self.pools, self.cfg, self.parts)
 
-    def adversarial():
-        gan.set_discriminators_trainable(False)
-        tu.fit_batch(gan.adversarial, [real_a, real_b], gan.targets(real_a, real_b))
+    def time_steps(self, steps):
+        self.times += timed(self.step, steps)
 
-    parts = {"fakes_s": lambda: [t.numpy() for t in gan.translate(real_a, real_b)],
-             "discriminator_updates_s": discriminators, "adversarial_update_s": adversarial}
-    return {name: statistics.median(timed(fn, repeats)) for name, fn in parts.items()}
-
-
-def fake_generation_speedup(gan, real_a, real_b, repeats=10):
-    """The compiled translate call against the chapter's two `predict` calls."""
-    compiled = lambda: [t.numpy() for t in gan.translate(real_a, real_b)]
-    predict = lambda: (gan.g_ab.predict(real_a, verbose=0), gan.g_ba.predict(real_b, verbose=0))
-    timed(compiled, 2)
-    timed(predict, 2)
-    return statistics.median(timed(predict, repeats)) / statistics.median(timed(compiled, repeats))
+    def figures(self):
+        """The step's figures: seconds, GFLOP, utilization, and where the time goes."""
+        cfg, replicas, times = self.cfg, self.replicas, self.times
+        seconds = statistics.median(times)
+        gflop = iteration_gflop(self.gan, cfg) * replicas
+        precision = models.choose_precision(cfg.precision)[0]
+        machine = machine_gflop_s(models.POLICIES[precision].removeprefix("mixed_"))
+        mean = statistics.fmean(times)
+        parts = {name: total / len(times) for name, total in self.parts.items()}
+        return {
+            "device": tf.config.list_logical_devices()[-1].device_type,
+            "preset": cfg.preset, "image_size": cfg.image_size,
+            "batch_size": cfg.batch_size * replicas, "replicas": replicas,
+            "precision": precision, "jit_compile": cfg.jit_compile,
+            "seconds_per_iteration": seconds, "seconds_per_iteration_min": min(times),
+            "seconds_per_iteration_max": max(times), "iterations_per_s": 1 / seconds,
+            "images_per_s": 2 * cfg.batch_size * replicas / seconds, "gflop_per_iteration": gflop,
+            "achieved_gflop_s": gflop / seconds, "machine_gflop_s": machine,
+            "utilization": gflop / seconds / machine,
+            # Means over the same steps, timed inside them: they add up to the mean step.
+            "seconds_per_iteration_mean": mean, **parts, "other_s": mean - sum(parts.values()),
+        }
 
 
 def write_fake_dataset(folder, count, size=256):
@@ -142,37 +167,35 @@ def pipeline_images_per_s(cfg, count, replicas):
 
 def run_benchmark(cfg, steps, pipeline_images):
     """All figures of `main.py benchmark`, as an ordered dict."""
-    strategy = tu.make_strategy(cfg.strategy)
-    replicas = strategy.num_replicas_in_sync
-    with strategy.scope():
-        gan = models.build_cyclegan(cfg)
-    times, real_a, real_b = step_times(gan, cfg, steps, replicas)
-    seconds = statistics.median(times)
-    gflop = iteration_gflop(gan, cfg) * replicas
-    breakdown = step_breakdown(gan, cfg, real_a, real_b)
-    machine = machine_gflop_s()
-    images_per_s = 2 * cfg.batch_size * replicas / seconds
-    pipeline = pipeline_images_per_s(cfg, pipeline_images, replicas)
+    run = StepRun(cfg)
+    run.time_steps(steps)
+    figures = run.figures()
+    pipeline = pipeline_images_per_s(cfg, pipeline_images, run.replicas)
     return {
-        "device": tf.config.list_logical_devices()[-1].device_type,
-        "preset": cfg.preset, "image_size": cfg.image_size,
-        "batch_size": cfg.batch_size * replicas, "replicas": replicas,
-        "mixed_precision": cfg.mixed_precision, "jit_compile": cfg.jit_compile,
-        "seconds_per_iteration": seconds, "seconds_per_iteration_min": min(times),
-        "seconds_per_iteration_max": max(times), "iterations_per_s": 1 / seconds,
-        "images_per_s": images_per_s, "gflop_per_iteration": gflop,
-        "achieved_gflop_s": gflop / seconds, "machine_gflop_s": machine,
-        "utilization": gflop / seconds / machine,
-        **breakdown,
-        "other_s": seconds - sum(breakdown.values()),
-        "fake_generation_speedup": fake_generation_speedup(gan, real_a, real_b),
+        **figures,
         "pipeline_images": pipeline_images, "pipeline_images_per_s": pipeline,
-        "pipeline_headroom": pipeline / images_per_s,
+        "pipeline_headroom": pipeline / figures["images_per_s"],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
 
 
-def format_figures(figures):
-    """One `name: value` line per figure."""
+def compare_precisions(cfg, steps):
+    """float32 against --precision auto's choice, their steps interleaved one by one
+    so that load from other programs falls on both alike."""
+    runs = {"float32": StepRun(dataclasses.replace(cfg, precision="float32")),
+            "auto": StepRun(dataclasses.replace(cfg, precision="auto"))}
+    for _ in range(steps):
+        for run in runs.values():
+            run.time_steps(1)
+    figures = {name: run.figures() for name, run in runs.items()}
+    return {"float32": figures["float32"], "auto": figures["auto"],
+            "auto_precision": figures["auto"]["precision"],
+            "speedup_auto_vs_float32": (figures["float32"]["seconds_per_iteration"]
+                                        / figures["auto"]["seconds_per_iteration"])}
+
+
+def format_figures(figures, prefix=""):
+    """One `name: value` line per figure (`group.name: value` inside a group)."""
     show = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
-    return "\n".join(f"{name}: {show(value)}" for name, value in figures.items())
+    return "\n".join(format_figures(value, f"{prefix}{name}.") if isinstance(value, dict)
+                     else f"{prefix}{name}: {show(value)}" for name, value in figures.items())

@@ -70,7 +70,8 @@ class Config:
 
     # Devices and speed.
     strategy: str = setting("default", "one device, all local GPUs, or TF_CONFIG's machines")
-    mixed_precision: bool = setting(False, "mixed_float16 compute, float32 weights and losses (GPU)")
+    precision: str = setting("auto", "compute dtype, weights stay float32; auto: bfloat16 where "
+                                     "the hardware has it natively, else float32")
     jit_compile: bool = setting(False, "XLA; slower on the CPU measured, try it on a GPU")
 
     # Outputs.
@@ -150,7 +151,7 @@ ARCHITECTURE_FIELDS = ("image_size", "gen", "filters", "res_blocks", "norm", "re
 # Settings a resumed run must keep as well: the data and its order, and the
 # replicas and dtypes its checkpoint was written with.
 RESUME_FIXED = ARCHITECTURE_FIELDS + ("preset", "data", "seed", "load_size", "limit",
-                                      "mixed_precision", "strategy")
+                                      "precision", "strategy")
 
 # What a setting was in runs saved before config.json held it: such runs
 # resume with the networks they were trained with.
@@ -181,6 +182,7 @@ CHOICES = {
     "disc_activation": ("sigmoid", "linear"),
     "d_update": ("split", "joint"),
     "strategy": ("default", "mirrored", "multiworker"),
+    "precision": ("auto", "float32", "bfloat16", "float16"),
 }
 
 

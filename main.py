@@ -80,6 +80,9 @@ def build_parser():
     bench.add_argument("--steps", type=int, default=10, help="timed training steps")
     bench.add_argument("--pipeline-images", type=int, default=200, help="image files per domain")
     bench.add_argument("--json", action="store_true", help="print the figures as JSON")
+    bench.add_argument("--compare", action="store_true",
+                       help="time float32 and --precision auto's choice, steps interleaved, "
+                            "and print their ratio")
     translate = commands.add_parser("translate", help="translate images with a saved generator")
     generator = translate.add_mutually_exclusive_group(required=True)
     generator.add_argument("--generator", help="a saved generator .h5")
@@ -282,7 +285,10 @@ def benchmark_command(args):
     cfg = config.make_config(given.pop("preset") or "book", **given)
     if args.steps < 1 or args.pipeline_images < 1:
         raise CliError("--steps and --pipeline-images must be at least 1")
-    figures = benchmark.run_benchmark(cfg, args.steps, args.pipeline_images)
+    if args.compare:
+        figures = benchmark.compare_precisions(cfg, args.steps)
+    else:
+        figures = benchmark.run_benchmark(cfg, args.steps, args.pipeline_images)
     print(json.dumps(figures, indent=2) if args.json else benchmark.format_figures(figures))
 
 

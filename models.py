@@ -61,7 +61,10 @@ def norm_layer(kind, cfg):
     normalised over image rows; this normalises each channel over H and W.
     """
     if kind == "batch":
-        return layers.BatchNormalization(momentum=0.9, epsilon=1e-5)
+        # Under a strategy, statistics of the global batch: every replica then keeps the
+        # same running averages, as one device with the global batch would.
+        return layers.BatchNormalization(momentum=0.9, epsilon=1e-5,
+                                         synchronized=cfg.strategy != "default")
     return layers.GroupNormalization(
         groups=-1, epsilon=1e-5, center=cfg.norm_affine, scale=cfg.norm_affine)
 
@@ -206,13 +209,34 @@ def make_optimizer(cfg):
     return keras.optimizers.Adam(cfg.lr, beta_1=cfg.beta1)
 
 
+class KeepLatest(layers.Layer):
+    """Passes its input on and, when training, keeps a float32 copy of it.
+
+    In the adversarial model it keeps the fakes that the generators' update
+    computes, so the discriminator updates need no second pass to make them.
+    """
+
+    def __init__(self, shape, **kwargs):
+        super().__init__(**kwargs)
+        # Under several replicas the loop makes the fakes itself; the first replica's write is harmless.
+        self.latest = self.add_weight(shape=shape, initializer="zeros", trainable=False,
+                                      dtype="float32", aggregation="only_first_replica", name="latest")
+
+    def call(self, inputs, training=False):
+        if training:
+            self.latest.assign(keras.ops.cast(inputs, "float32"))
+        return inputs
+
+
 def build_adversarial_model(g_ab, g_ba, d_a, d_b, cfg):
     """[real_A, real_B] -> the six generator-loss outputs, discriminators frozen."""
     shape = (cfg.image_size, cfg.image_size, 3)
     real_a = keras.Input(shape, name="real_A")
     real_b = keras.Input(shape, name="real_B")
+    fake_b = KeepLatest((cfg.batch_size,) + shape, name="fake_B")(g_ab(real_a))
+    fake_a = KeepLatest((cfg.batch_size,) + shape, name="fake_A")(g_ba(real_b))
     t = SimpleNamespace(g_ab=g_ab, g_ba=g_ba, d_a=d_a, d_b=d_b, real_a=real_a, real_b=real_b,
-                        fake_a=g_ba(real_b), fake_b=g_ab(real_a))
+                        fake_a=fake_a, fake_b=fake_b)
     outputs = [layers.Identity(name=o.name)(o.compute(t)) for o in OUTPUTS]
     d_a.trainable = False
     d_b.trainable = False
@@ -241,6 +265,12 @@ class CycleGAN:
             return self.g_ab(real_a, training=False), self.g_ba(real_b, training=False)
         self.translate = translate
 
+    def fakes_of_last_update(self):
+        """(fake_B, fake_A) as the last adversarial update computed them, before it changed G."""
+        # Tensors, not the variables: a variable would make the D updates trace again.
+        return tuple(tf.convert_to_tensor(self.adversarial.get_layer(name).latest)
+                     for name in ("fake_B", "fake_A"))
+
     @property
     def patch_shape(self):
         """Discriminator output shape (no batch axis): the shape of its labels."""
@@ -261,11 +291,42 @@ class CycleGAN:
         self.d_b.trainable = flag
 
 
+# Keras policies: float32 weights, optimizer and losses under each; norms compute in float32.
+POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+NATIVE_BFLOAT16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def native_bfloat16(cpuinfo="/proc/cpuinfo"):
+    """Why this machine computes bfloat16 natively, or None where it would emulate it (slowly)."""
+    import tensorflow as tf
+    gpus = tf.config.list_physical_devices("GPU")
+    if gpus:  # bfloat16 tensor cores from Ampere (compute capability 8.0) on
+        capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability")
+        return f"GPU compute capability {capability}" if capability and capability >= (8, 0) else None
+    flags = set()
+    with contextlib.suppress(OSError), open(cpuinfo) as lines:
+        for line in lines:
+            if line.startswith("flags"):
+                flags.update(line.split(":", 1)[1].split())
+    found = [flag for flag in NATIVE_BFLOAT16_CPU_FLAGS if flag in flags]
+    return "CPU with " + ", ".join(found) if found else None
+
+
+def choose_precision(requested):
+    """(precision, why) for --precision: auto is bfloat16 where it is native, else float32."""
+    if requested != "auto":
+        return requested, "as asked"
+    native = native_bfloat16()
+    if native:
+        return "bfloat16", f"auto: native bfloat16 ({native})"
+    return "float32", "auto: no native bfloat16 on this device"
+
+
 @contextlib.contextmanager
 def dtype_policy(cfg):
-    """Layers built inside compute in float16 with --mixed-precision, float32 otherwise."""
+    """Layers built inside compute in cfg's precision (auto resolved for this device)."""
     previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy("mixed_float16" if cfg.mixed_precision else "float32")
+    keras.config.set_dtype_policy(POLICIES[choose_precision(cfg.precision)[0]])
     try:
         yield
     finally:
@@ -284,10 +345,23 @@ def build_cyclegan(cfg):
         d_a = build_discriminator(cfg, "discriminator_A")
         d_b = build_discriminator(cfg, "discriminator_B")
         for d in (d_a, d_b):
-            # Under mixed_float16, Keras 3 wraps the optimizer in a LossScaleOptimizer itself.
+            # Under mixed_float16 (not bfloat16), Keras 3 adds loss scaling to the optimizer itself.
             d.compile(optimizer=make_optimizer(cfg), loss="mse", jit_compile=cfg.jit_compile)
         adversarial = build_adversarial_model(g_ab, g_ba, d_a, d_b, cfg)
     return CycleGAN(g_ab, g_ba, d_a, d_b, adversarial, cfg.jit_compile)
+
+
+def float32_twin(model):
+    """The same network and weights computing in float32: what a saved model should be."""
+    if model.compute_dtype == "float32":
+        return model
+    config = model.get_config()
+    for layer in config["layers"]:
+        layer["config"]["dtype"] = "float32"
+    twin = model.__class__.from_config(config)
+    twin.set_weights(model.get_weights())
+    twin.trainable = model.trainable
+    return twin
 
 
 def load_generator(path):

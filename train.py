@@ -4,6 +4,7 @@
 pieces the loop uses (the step, pools, checkpoints, logging, samples) are
 in train_utils.py.
 """
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -15,6 +16,7 @@ import keras
 import config
 import data
 import metrics
+import models
 import train_utils as tu
 from config import UserError
 from fileio import atomic_write
@@ -33,6 +35,8 @@ def saved_config(given):
     if not path.is_file():
         raise UserError(f"--resume: no run {given['name']!r} in {path.parent.parent}")
     saved = {**config.BEFORE_IT_WAS_SAVED, **json.loads(path.read_text())}
+    if "mixed_precision" in saved:  # a run from before --precision
+        saved["precision"] = "float16" if saved.pop("mixed_precision") else "float32"
     for field in config.RESUME_FIXED:
         if field in given and given[field] != saved[field]:
             raise UserError(f"--resume: run {given['name']!r} was trained with "
@@ -92,15 +96,25 @@ def sample_files(root, domain, cfg, count):
 
 
 def train(cfg, resume=False, overwrite=False):
-    """Train the run cfg.name: a new one, or with `resume` the one results/NAME holds."""
+    """Train the run cfg.name: a new one, or with `resume` the one results/NAME holds.
+
+    Of several workers (--strategy multiworker) only the chief writes files.
+    """
+    # Before any TensorFlow op runs: --strategy multiworker sets up collective
+    # ops, which TensorFlow accepts only at program start-up.
+    strategy = tu.make_strategy(cfg.strategy)
+    chief = strategy.extended.should_checkpoint
+    precision, why = models.choose_precision(cfg.precision)
+    cfg = dataclasses.replace(cfg, precision=precision)  # config.json records the choice
+    print(f"Precision: {precision} ({why})")
     if cfg.data == "demo":
         print("Training on the built-in demo data (pass --data NAME or --data PATH for your own).")
     root = data.resolve_dataset(cfg.data)
     files_a = data.domain_files(root, "train", "A", cfg.limit)
     files_b = data.domain_files(root, "train", "B", cfg.limit)
     paths = run_paths(cfg)
-    with open_run_folder(cfg, paths, resume, overwrite):
-        run_training(cfg, root, files_a, files_b, paths, resume)
+    with open_run_folder(cfg, paths, resume, overwrite) if chief else contextlib.nullcontext():
+        run_training(cfg, strategy, root, files_a, files_b, paths, resume)
 
 
 @dataclasses.dataclass
@@ -108,6 +122,8 @@ class Run:
     """What the loop works with: the networks and their data, and where each output goes."""
     cfg: config.Config
     paths: dict
+    strategy: object
+    chief: bool               # of several workers, the one that writes
     gan: object
     pools: tuple
     batches: object
@@ -119,9 +135,9 @@ class Run:
     history: tu.LossHistory = None
 
 
-def run_training(cfg, root, files_a, files_b, paths, resume):
+def run_training(cfg, strategy, root, files_a, files_b, paths, resume):
     """Set up, restore, and run the epochs of a run whose folder this process holds."""
-    run, step = set_up(cfg, root, files_a, files_b, paths, resume)
+    run, step = set_up(cfg, strategy, root, files_a, files_b, paths, resume)
     if resume and step >= run.steps * cfg.total_epochs:
         if not all((paths["models"] / f).is_file() for f in tu.MODEL_FILES.values()):
             tu.save_models(run.gan, paths["models"])
@@ -129,33 +145,35 @@ def run_training(cfg, root, files_a, files_b, paths, resume):
         return
     if resume:
         print(f"Resuming run {cfg.name} at step {step}.")
-    run.logger = tu.TensorBoardLogger(cfg.log_dir, cfg.name)
+    run.logger = tu.TensorBoardLogger(cfg.log_dir, cfg.name) if run.chief else tu.NoLogger()
     run.logger.graph(run.gan.g_ab)
     run.logger.graph(run.gan.d_a)
     run.history = tu.LossHistory(paths["history"])
     print(f"{len(files_a)} A and {len(files_b)} B images, {run.steps} steps per epoch, "
           f"{cfg.total_epochs} epochs; TensorBoard: tensorboard --logdir {cfg.log_dir}")
-    replicas = run.gan.adversarial.distribute_strategy.num_replicas_in_sync
+    replicas = strategy.num_replicas_in_sync
     if replicas > 1:
         print(f"{replicas} replicas: global batch {cfg.batch_size * replicas} per domain")
     run_epochs(run, step)
 
 
-def set_up(cfg, root, files_a, files_b, paths, resume):
+def set_up(cfg, strategy, root, files_a, files_b, paths, resume):
     """The Run, fresh or restored from its newest good checkpoint, and its step."""
     fixed_a, fixed_b = (sample_files(root, d, cfg, max(SAMPLE_COUNT, metrics.PROBE_IMAGES))
                         for d in "AB")
     samples = tuple(data.load_batch(f[:SAMPLE_COUNT], cfg.image_size) for f in (fixed_a, fixed_b))
     probe = metrics.probe_set(fixed_a, fixed_b, cfg.image_size)
-    strategy = tu.make_strategy(cfg.strategy)
     with tu.out_of_memory_as_user_error(cfg):
         gan, pools, batches = tu.start_run(cfg, files_a, files_b, strategy)
     with strategy.scope():
         checkpoint = tu.RunCheckpoint(gan, pools, batches, paths["checkpoints"], cfg.image_size)
     steps = data.steps_per_epoch(files_a, files_b, cfg, strategy.num_replicas_in_sync)
     step = checkpoint.restore() if resume else 0
-    save_config(cfg, paths)  # only now: a failed resume leaves the run's settings as they were
-    return Run(cfg, paths, gan, pools, batches, checkpoint, steps, samples, probe), step
+    chief = strategy.extended.should_checkpoint
+    if chief:
+        save_config(cfg, paths)  # only now: a failed resume leaves the run's settings as they were
+    return Run(cfg, paths, strategy, chief, gan, pools, batches, checkpoint, steps, samples,
+               probe), step
 
 
 def run_epochs(run, step):
@@ -180,18 +198,22 @@ def run_epochs(run, step):
                 if step % cfg.log_every == 0:
                     run.logger.scalars({**losses, "learning_rate": lr}, step)
                 bar.update(i + 1, [(k, losses[k]) for k in tu.PROGRESS_NAMES])
+                stopping = tu.agreed_stop(run.strategy, stop.requested)
                 mid_epoch = i + 1 < steps  # at its end, the epoch's outputs come first
-                if mid_epoch and (step % checkpoint_every == 0 or stop.requested):
+                if run.chief and mid_epoch and (step % checkpoint_every == 0 or stopping):
                     run.checkpoint.save(step)
-                if mid_epoch and stop.requested:
-                    return stopped(stop, cfg, step, run.logger)
-            write_epoch_outputs(run, epoch, step, {k: v / (steps - first) for k, v in sums.items()})
-            if step % checkpoint_every == 0 or stop.requested:
-                run.checkpoint.save(step)  # after the epoch's outputs, so a resume never skips them
-            run.logger.flush()
-            if stop.requested and epoch < cfg.total_epochs:
-                return stopped(stop, cfg, step, run.logger)
-    print(f"Done: samples, loss curves and models in {run.paths['root']}")
+                if mid_epoch and stopping:
+                    return stopped(stopping, cfg, step, run.logger)
+            if run.chief:
+                write_epoch_outputs(run, epoch, step,
+                                    {k: v / (steps - first) for k, v in sums.items()})
+                if step % checkpoint_every == 0 or stopping:
+                    run.checkpoint.save(step)  # after the epoch's outputs: a resume never skips them
+                run.logger.flush()
+            if stopping and epoch < cfg.total_epochs:
+                return stopped(stopping, cfg, step, run.logger)
+    print(f"Done: samples, loss curves and models in {run.paths['root']}" if run.chief else
+          "Done: this worker's part is over; the chief wrote the results")
 
 
 def write_epoch_outputs(run, epoch, step, mean_losses):
@@ -209,7 +231,7 @@ def write_epoch_outputs(run, epoch, step, mean_losses):
         tu.save_models(run.gan, paths["models"])
 
 
-def stopped(stop, cfg, step, logger):
+def stopped(reason, cfg, step, logger):
     logger.flush()
-    print(f"\n{stop.requested}: checkpoint saved at step {step}; "
+    print(f"\n{reason}: checkpoint saved at step {step}; "
           f"continue with: python main.py --name {cfg.name} --resume")

@@ -6,7 +6,9 @@ import logging
 import os
 import shutil
 import signal
+import time
 import warnings
+import weakref
 from pathlib import Path
 
 import matplotlib
@@ -107,13 +109,27 @@ def make_strategy(name):
     return tf.distribute.get_strategy()
 
 
+def agreed_stop(strategy, requested):
+    """The stop request of this process or, across several workers, of any of them.
+
+    Every worker must stop after the same step, or the others would wait
+    for it in the next step's all-reduce forever: one tiny all-reduce a step.
+    """
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        votes = strategy.experimental_distribute_values_from_function(
+            lambda context: tf.constant(float(requested is not None)))
+        if strategy.reduce("SUM", votes, axis=None) > 0:
+            return requested or "stop requested on another worker"
+    return requested
+
+
 def fit_batch(model, x, y):
     """One optimizer step of a compiled model; returns its losses as floats.
 
     With one replica this is plain `train_on_batch`. With several, Keras 3's
-    `train_on_batch` would hand every replica the whole batch, so the same
-    compiled train function is called with the batch split across replicas
-    (gradients are then all-reduced, as in `fit`).
+    `train_on_batch` would hand every replica the whole batch, so the model's
+    own `train_step` runs on each replica's share of the batch (gradients are
+    then all-reduced, as in `fit`).
     """
     strategy = model.distribute_strategy
     if model.train_function is None:
@@ -127,11 +143,30 @@ def fit_batch(model, x, y):
     if strategy.num_replicas_in_sync == 1:
         logs = model.train_on_batch(x, y, return_dict=True)
     else:
-        model.make_train_function()
         model.reset_metrics()  # as train_on_batch: losses of this batch only
         shards = tf.nest.map_structure(lambda t: split_across_replicas(strategy, t), (x, y))
-        logs = model.train_function(iter([shards + (None,)]))
+        logs = replicated_train_function(model)(shards + (None,))
     return {k: float(v) for k, v in logs.items()}
+
+
+_REPLICATED_STEPS = weakref.WeakKeyDictionary()
+
+
+def replicated_train_function(model):
+    """`model.train_step` on every replica, losses averaged over replicas; traced once per model.
+
+    Keras 3's own train function cannot average scalar losses across
+    several workers (it reduces them along an axis they do not have).
+    """
+    if model not in _REPLICATED_STEPS:
+        strategy = model.distribute_strategy
+
+        @tf.function
+        def train(data):
+            logs = strategy.run(model.train_step, args=(data,))
+            return {k: strategy.reduce("MEAN", v, axis=None) for k, v in logs.items()}
+        _REPLICATED_STEPS[model] = train
+    return _REPLICATED_STEPS[model]
 
 
 def split_across_replicas(strategy, tensor):
@@ -149,16 +184,42 @@ def update_discriminator(d, real, fake, cfg):
     return 0.5 * (fit_batch(d, real, ones)["loss"] + fit_batch(d, fake, 0 * ones)["loss"])
 
 
-def train_step(gan, real_a, real_b, pools, cfg):
-    """One CycleGAN iteration: both discriminators, then both generators."""
-    fake_b, fake_a = gan.translate(real_a, real_b)
-    fake_a = pools[0].query(fake_a)
-    fake_b = pools[1].query(fake_b)
-    gan.set_discriminators_trainable(True)
-    losses = {"D_A": update_discriminator(gan.d_a, real_a, fake_a, cfg),
-              "D_B": update_discriminator(gan.d_b, real_b, fake_b, cfg)}
+@contextlib.contextmanager
+def timed_part(times, part):
+    """Adds the seconds of the block to times[part] (no-op when times is None).
+
+    Every call inside returns host values (floats, NumPy), so the work is done when it ends.
+    """
+    start = time.perf_counter()
+    yield
+    if times is not None:
+        times[part] = times.get(part, 0.0) + time.perf_counter() - start
+
+
+def train_step(gan, real_a, real_b, pools, cfg, times=None):
+    """One CycleGAN iteration in the official implementation's order: both generators,
+    then both discriminators on the fakes the generators' update computed.
+
+    The adversarial model keeps those fakes, so they cost no second pass;
+    under several replicas, where each replica holds only its share, they
+    are made by a separate inference pass before the generators change.
+    With a dict as `times`, adds the seconds of each part of the step to it.
+    """
+    replicated = gan.adversarial.distribute_strategy.num_replicas_in_sync > 1
+    if replicated:
+        with timed_part(times, "fakes_s"):
+            fakes = gan.translate(real_a, real_b)
     gan.set_discriminators_trainable(False)
-    g = fit_batch(gan.adversarial, [real_a, real_b], gan.targets(real_a, real_b))
+    with timed_part(times, "adversarial_update_s"):
+        g = fit_batch(gan.adversarial, [real_a, real_b], gan.targets(real_a, real_b))
+    with timed_part(times, "fakes_s"):
+        fake_b, fake_a = fakes if replicated else gan.fakes_of_last_update()
+        fake_a = pools[0].query(fake_a)
+        fake_b = pools[1].query(fake_b)
+    gan.set_discriminators_trainable(True)
+    with timed_part(times, "discriminator_updates_s"):
+        losses = {"D_A": update_discriminator(gan.d_a, real_a, fake_a, cfg),
+                  "D_B": update_discriminator(gan.d_b, real_b, fake_b, cfg)}
     losses.update({name: g[f"{name}_loss"] for name in OUTPUT_NAMES})
     losses[G_TOTAL] = g["loss"]
     return losses
@@ -229,8 +290,8 @@ class RunCheckpoint:
                               DamagedCheckpointWarning)
                 continue
             for pool, images, count in zip(self.pools, self.pool_images, self.pool_counts):
-                pool.images = list(images.numpy()[:int(count)])
-            return int(self.step)
+                pool.images = list(images.numpy()[:int(count.numpy())])
+            return int(self.step.numpy())  # .numpy(): a MirroredVariable under a strategy
         if candidates:
             raise UserError(f"no checkpoint in {self.manager.directory} can be restored")
         return 0
@@ -333,6 +394,13 @@ class TensorBoardLogger:
         self.writer.flush()
 
 
+class NoLogger:
+    """TensorBoardLogger's interface for workers that write nothing (not the chief)."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+
 class LossHistory:
     """Per-epoch mean losses in a CSV, so curves survive restarts.
 
@@ -408,12 +476,12 @@ def save_sample_grid(gan, batch_a, batch_b, path, title):
 
 
 def save_models(gan, folder):
-    """The four networks as .h5, each written whole before it replaces the last."""
+    """The four networks as float32 .h5, each written whole before it replaces the last."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     gan.set_discriminators_trainable(True)  # a reloaded discriminator should train
     for attr, filename in MODEL_FILES.items():
-        save_h5(getattr(gan, attr), folder / filename)
+        save_h5(models.float32_twin(getattr(gan, attr)), folder / filename)
 
 
 def save_h5(model, path):

@@ -36,6 +36,8 @@ def test_training_writes_every_output(trained_run):
     assert sorted(p.name for p in (run / "models").iterdir()) == [
         "discriminatorA.h5", "discriminatorB.h5", "generatorAToB.h5", "generatorBToA.h5"]
     assert "4 A and 3 B images, 4 steps per epoch, 2 epochs" in result.stdout
+    precision = json.loads((run / "config.json").read_text())["precision"]  # auto, decided
+    assert f"Precision: {precision} (auto: " in result.stdout.splitlines()[0]
     assert not list(run.rglob(".*tmp*"))  # no temporary files left
 
 
@@ -213,6 +215,8 @@ def test_resume_with_other_architecture_is_refused(trained_run, monkeypatch, cap
     monkeypatch.chdir(work)
     err = one_line_error(["--data", "data", "--name", "tiny", "--resume", "--filters", 64], capsys)
     assert "trained with --filters 32, not 64" in err
+    err = one_line_error(["--data", "data", "--name", "tiny", "--resume", "--precision", "float16"], capsys)
+    assert "--precision" in err and "not float16" in err
     assert "no run 'nothing'" in one_line_error(["--name", "nothing", "--resume"], capsys)
 
 
@@ -251,8 +255,11 @@ def test_a_refused_resume_leaves_the_run_as_it_was(trained_run, monkeypatch, cap
     work, _ = trained_run
     monkeypatch.chdir(work)
     saved = (work / "results/tiny/config.json").read_bytes()
-    err = one_line_error(["--data", "data", "--name", "tiny", "--resume", "--mixed-precision"], capsys)
-    assert "trained with --mixed-precision False, not True" in err
+    trained = json.loads(saved)["precision"]  # auto's choice on this machine
+    other = "float16" if trained != "float16" else "float32"
+    err = one_line_error(["--data", "data", "--name", "tiny", "--resume", "--precision", other],
+                         capsys)
+    assert f"trained with --precision {trained}, not {other}" in err
     assert (work / "results/tiny/config.json").read_bytes() == saved
 
 

@@ -1,11 +1,17 @@
-"""tf.distribute on two logical CPU devices, each test in a fresh process.
+"""tf.distribute on two logical CPU devices or two worker processes, each test in fresh processes.
 
 Logical devices must be set before TensorFlow touches a device, which the
 rest of the suite has long done by the time these run.
 """
+import json
+import os
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
+
+import numpy as np
 
 from conftest import ROOT, write_images
 
@@ -39,7 +45,8 @@ def test_mirrored_steps_match_one_device_with_the_same_global_batch(tmp_path):
 
         def weights_after(strategy, batch_size, images):
             # The four networks' weights before and after training from one seed.
-            cfg = make_config(image_size=32, res_norm="instance", filters=8, batch_size=batch_size)
+            cfg = make_config(image_size=32, res_norm="instance", filters=8, batch_size=batch_size,
+                              precision="float32")
             keras.utils.set_random_seed(0)
             with strategy.scope():
                 gan = models.build_cyclegan(cfg)
@@ -76,3 +83,90 @@ def test_a_short_mirrored_run_trains_saves_and_reloads(tmp_path):
     assert "2 replicas: global batch 2 per domain" in out
     assert "4 A and 4 B images, 2 steps per epoch" in out
     assert "exit 0 shape (1, 36, 44, 3)" in out
+
+
+WORKER = f"""
+import sys
+sys.path.insert(0, {str(ROOT)!r})
+import numpy as np
+import main, train_utils as tu
+built = []
+start_run = tu.start_run
+tu.start_run = lambda *args: built.append(start_run(*args)) or built[-1]
+code = main.main(sys.argv[2:])
+g = built[0][0].g_ab
+np.savez(sys.argv[1], *g.get_weights())
+sys.exit(code)
+"""
+
+
+def free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def start_workers(tmp_path, ports, flags):
+    """Two training processes, each with its own TF_CONFIG and folder, as on two machines."""
+    cluster = {"worker": [f"localhost:{p}" for p in ports]}
+    workers = []
+    for index in range(2):
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "3",
+               "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
+        workers.append(subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(tmp_path / f"weights{index}.npz")] + flags[index],
+            cwd=tmp_path / f"machine{index}", env=env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    return workers
+
+
+def finish(workers):
+    outputs = [w.communicate(timeout=300)[0] for w in workers]
+    for worker, out in zip(workers, outputs):
+        assert worker.returncode == 0, out
+    return outputs
+
+
+def test_two_workers_train_in_step_stop_together_and_resume(tmp_path):
+    for i, sub in enumerate(("trainA", "trainB")):
+        write_images(tmp_path / "data" / sub, 4, size=40, seed=i)
+    for index in range(2):
+        (tmp_path / f"machine{index}").mkdir()
+    flags = ["--data", str(tmp_path / "data"), "--image-size", "32", "--filters", "4",
+             "--res-blocks", "1", "--epochs", "3", "--strategy", "multiworker", "--name", "mw"]
+    # A stop (SIGTERM to both, as a cluster manager sends it) during the second epoch.
+    workers = start_workers(tmp_path, free_ports(2), [flags, flags])
+    seen = ""
+    while "Epoch 2/3" not in seen:
+        line = workers[0].stdout.readline()
+        assert line, seen
+        seen += line
+    for worker in workers:
+        worker.send_signal(signal.SIGTERM)
+    outputs = finish(workers)
+    stops = [out.split(": checkpoint saved at step ")[1].split(";")[0] for out in outputs]
+    assert stops[0] == stops[1] and int(stops[0]) >= 2, outputs  # the same step on both
+    assert list((tmp_path / "machine1").iterdir()) == []  # the second worker wrote nothing
+
+    # The resume: the second machine reads the chief's run folder (a shared file system).
+    chief_results = str(tmp_path / "machine0" / "results")
+    workers = start_workers(tmp_path, free_ports(2),
+                            [flags + ["--resume"], flags + ["--resume", "--results-dir", chief_results]])
+    outputs = finish(workers)
+    assert all(f"Resuming run mw at step {stops[0]}." in out for out in outputs), outputs
+    assert "Done: samples, loss curves and models in results/mw" in outputs[0]
+    assert list((tmp_path / "machine1").iterdir()) == []
+    saved = keras_weights(tmp_path / "machine0" / "results" / "mw" / "models" / "generatorAToB.h5")
+    for weights in (np.load(tmp_path / f"weights{i}.npz") for i in range(2)):
+        assert len(weights.files) == len(saved)
+        for i, w in enumerate(saved):  # synchronous all-reduce: one set of weights everywhere
+            np.testing.assert_allclose(weights[f"arr_{i}"], w, atol=1e-6)
+
+
+def keras_weights(path):
+    import keras
+    return keras.models.load_model(path, compile=False).get_weights()

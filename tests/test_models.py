@@ -30,7 +30,7 @@ def test_generator_takes_any_size_divisible_by_4():
 
 
 def test_global_skip_generator_starts_as_the_identity_and_reloads_in_plain_keras(tmp_path):
-    g = models.build_generator(build(image_size=32, global_skip=True))
+    g = models.build_generator(build(image_size=32, global_skip=True, precision="float32"))
     x = np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
     np.testing.assert_allclose(g(x, training=False), x, atol=1e-6)
     g.save(tmp_path / "g.h5")
@@ -173,3 +173,67 @@ def test_a_saved_generator_that_holds_code_is_refused(tmp_path):
     keras.Model(inputs, outputs).save(tmp_path / "lambda.h5")
     with pytest.raises(config.UserError, match="not a loadable Keras model"):
         models.load_generator(tmp_path / "lambda.h5")
+
+
+def test_auto_precision_is_bfloat16_only_where_the_device_computes_it_natively(monkeypatch):
+    monkeypatch.setattr(models, "native_bfloat16", lambda: None)
+    assert models.choose_precision("auto") == ("float32", "auto: no native bfloat16 on this device")
+    monkeypatch.setattr(models, "native_bfloat16", lambda: "CPU with avx512_bf16")
+    assert models.choose_precision("auto") == ("bfloat16", "auto: native bfloat16 (CPU with avx512_bf16)")
+    for precision in ("float32", "bfloat16", "float16"):
+        assert models.choose_precision(precision) == (precision, "as asked")
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ("fpu sse avx2 avx512f", None),                      # bfloat16 would be emulated: slower
+    ("fpu avx512f avx512_bf16", "CPU with avx512_bf16"),  # AMD Zen 4, Intel Cooper Lake
+    ("fpu avx512_bf16 amx_bf16 amx_tile", "CPU with amx_bf16, avx512_bf16"),  # Sapphire Rapids
+])
+def test_cpu_flags_decide_native_bfloat16(monkeypatch, tmp_path, flags, expected):
+    import tensorflow as tf
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
+    assert models.native_bfloat16(cpuinfo) == expected
+
+
+@pytest.mark.parametrize("capability, native", [((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_gpu_compute_capability_decides_native_bfloat16(monkeypatch, capability, native):
+    import tensorflow as tf
+    monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: ["GPU:0"])
+    monkeypatch.setattr(tf.config.experimental, "get_device_details",
+                        lambda device: {"compute_capability": capability})
+    assert bool(models.native_bfloat16()) == native
+
+
+@pytest.mark.parametrize("precision, compute", [("bfloat16", "bfloat16"), ("float16", "float16"),
+                                                ("float32", "float32")])
+def test_precision_sets_compute_dtype_and_keeps_weights_outputs_and_losses_float32(precision, compute):
+    gan = models.build_cyclegan(build(image_size=32, precision=precision))
+    convs = [layer for layer in gan.g_ab.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert {layer.compute_dtype for layer in convs[:-1]} == {compute}
+    networks = (gan.g_ab, gan.g_ba, gan.d_a, gan.d_b)
+    assert {w.dtype for m in networks for w in m.weights} == {"float32"}
+    assert {m.output.dtype for m in networks} == {"float32"}
+    # Loss scaling only where float16's range needs it.
+    scaled = isinstance(gan.adversarial.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert scaled == (precision == "float16")
+
+
+def test_adversarial_update_keeps_the_fakes_it_computed_before_changing_the_generators():
+    """The discriminators train on these: no second generator pass per step, as in the official code."""
+    cfg = build(image_size=32, filters=8, precision="float32")
+    keras.utils.set_random_seed(0)
+    gan = models.build_cyclegan(cfg)
+    rng = np.random.default_rng(0)
+    a, b = (rng.uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32) for _ in range(2))
+    expected = [np.asarray(gan.g_ab(a, training=True)), np.asarray(gan.g_ba(b, training=True))]
+    ones = np.ones((1,) + gan.patch_shape, np.float32)
+    g_ab = weights(gan.g_ab)
+    gan.set_discriminators_trainable(False)
+    gan.adversarial.train_on_batch([a, b], [ones, ones, a, b, a, b])
+    assert changed(g_ab, gan.g_ab)
+    for kept, fake in zip(gan.fakes_of_last_update(), expected):
+        np.testing.assert_allclose(kept, fake, atol=1e-4)
+    # Keeping them adds no trainable weight: the adversarial model trains both generators only.
+    assert len(gan.adversarial.trainable_weights) == 2 * len(gan.g_ab.trainable_weights)
