@@ -18,7 +18,7 @@ import tensorflow as tf
 from PIL import Image, UnidentifiedImageError
 
 from config import UserError
-from fileio import atomic_write
+from fileio import atomic_write, waiting_lock
 
 OFFICIAL_DATASETS = (
     "apple2orange", "summer2winter_yosemite", "horse2zebra", "monet2photo",
@@ -77,6 +77,16 @@ def download_official(name, datasets_dir):
     place, so a kill at any moment never leaves a half dataset.
     """
     root = Path(datasets_dir).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    # Two runs asking for the same dataset: the second waits, then finds it in place.
+    with waiting_lock(root / f".{name}.lock"):
+        if (root / name).is_dir():
+            return root / name
+        return fetch_and_unpack(name, root)
+
+
+def fetch_and_unpack(name, root):
+    """The archive (kept, or downloaded again if damaged) unpacked into root/name."""
     archive = root / f"{name}.zip"
     urls = dataset_urls(name)
     if archive.exists():
@@ -299,9 +309,16 @@ def decode(path, orientation):
 
 
 def load_image(path, size, orientation=None):
-    """Decode any supported file to upright RGB, resize to size x size, scale to [-1, 1]."""
+    """Decode any supported file to upright RGB, resize to size x size, scale to [-1, 1].
+
+    Without `orientation` (one file, eagerly) a file that cannot be used is a DataError.
+    """
     if orientation is None:
-        path, orientation = os.fsencode(path), orientation_of(path)
+        try:
+            return load_image(os.fsencode(path), size, orientation_of(path))
+        except (UnusableImage, tf.errors.OpError) as why:
+            reason = why if isinstance(why, UnusableImage) else "unreadable"
+            raise DataError(f"cannot use image {os.fsdecode(path)!a}: {reason}") from None
     image = tf.image.resize(tf.cast(decode(path, orientation), tf.float32), (size, size),
                             antialias=True)
     return image / 127.5 - 1.0
@@ -516,9 +533,13 @@ def to_unit(images):
     return np.clip((np.asarray(images) + 1.0) / 2.0, 0.0, 1.0)
 
 
+def to_uint8(image):
+    """[-1, 1] network pixels as uint8 levels."""
+    return np.round((np.clip(image, -1, 1) + 1) * 127.5).astype(np.uint8)
+
+
 def write_image(path, image):
     """Write a [-1, 1] image; the file name's extension picks the format."""
-    from PIL import Image
-    pixels = np.round((np.clip(image, -1, 1) + 1) * 127.5).astype(np.uint8)
+    image_format = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
     with atomic_write(path) as tmp:
-        Image.fromarray(pixels).save(tmp, format=Image.registered_extensions().get(Path(path).suffix.lower(), "PNG"))
+        Image.fromarray(to_uint8(image)).save(tmp, format=image_format)

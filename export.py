@@ -16,7 +16,8 @@ import tensorflow as tf
 
 import models
 from config import UserError
-from fileio import atomic_write
+from data import to_uint8
+from fileio import atomic_write, new_output
 
 # Format -> the ending its --output must have ("" for a folder).
 FORMATS = {"keras": ".keras", "saved_model": "", "onnx": ".onnx", "tflite": ".tflite"}
@@ -120,18 +121,6 @@ def require_packages(fmt):
                         f"pip install {' '.join(missing)}")
 
 
-def check_output(fmt, output):
-    output = Path(output)
-    if output.suffix != FORMATS[fmt]:
-        wanted = f"end in {FORMATS[fmt]}" if FORMATS[fmt] else "be a folder name without an extension"
-        raise UserError(f"--output {output} for --format {fmt} must {wanted}")
-    if output.exists():
-        raise UserError(f"--output {output} already exists; remove it or choose another name")
-    return output
-
-
-def to_uint8(image):
-    return np.round((np.clip(image, -1, 1) + 1) * 127.5).astype(np.uint8)
 
 
 def check_images(size=(None, None), seed=0):
@@ -163,7 +152,7 @@ def export(generator_path, fmt, output, size=None):
     if size and (fmt != "tflite" or min(size) < 4):
         raise UserError("--size applies to --format tflite only, and needs two sizes of at least 4")
     size = tuple(size or (None, None))
-    output = check_output(fmt, output)
+    output = new_output(output, (FORMATS[fmt],))
     require_packages(fmt)
     generator = models.load_generator(generator_path)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -37,7 +37,7 @@ class Parser(argparse.ArgumentParser):
 def add_config_flags(parser):
     """One flag per Config field, defaulting to None so presets fill the gaps."""
     for field in dataclasses.fields(config.Config):
-        flag = "--" + field.name.replace("_", "-")
+        flag = config.flag(field.name)
         text = config.flag_help(field).replace("%", "%%")
         if field.type is bool or isinstance(field.default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
@@ -145,7 +145,8 @@ def config_from_args(args):
     """The Config for a train command: preset, then demo defaults, then flags.
 
     With --resume, the run's saved config replaces preset and defaults;
-    flags may change only what does not shape the networks.
+    flags may change only what shapes neither the networks nor the data
+    (train.saved_config).
     """
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config.Config)}
     given = {k: v for k, v in given.items() if v is not None}
@@ -224,18 +225,20 @@ def evaluation_target(args):
     if args.generators:
         if not args.data:
             raise CliError("--generators needs --data")
-        name = args.name or f"{Path(args.data).name}-eval"
+        name = args.name or f"{Path(args.data).resolve().name}-eval"
+        config.check_run_name(name)
         size = args.image_size or (config.DEMO_DEFAULTS["image_size"] if args.data == "demo"
                                    else config.Config.image_size)
         return None, args.generators, args.data, size, Path(args.results_dir) / name
     if not args.name:
         raise CliError("evaluate needs --name NAME (a training run) or --generators A2B B2A --data D")
+    config.check_run_name(args.name)
     run = Path(args.results_dir) / args.name
     if not (run / "config.json").is_file():
         raise CliError(f"no run {args.name!r}: {run / 'config.json'} is missing")
     saved = json.loads((run / "config.json").read_text())
-    models_dir = run / "models"
-    return (run, [models_dir / "generatorAToB.h5", models_dir / "generatorBToA.h5"],
+    from train_utils import MODEL_FILES
+    return (run, [run / "models" / MODEL_FILES[g] for g in ("g_ab", "g_ba")],
             args.data or saved["data"], args.image_size or saved["image_size"], run)
 
 

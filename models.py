@@ -298,7 +298,6 @@ NATIVE_BFLOAT16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
 
 def native_bfloat16(cpuinfo="/proc/cpuinfo"):
     """Why this machine computes bfloat16 natively, or None where it would emulate it (slowly)."""
-    import tensorflow as tf
     gpus = tf.config.list_physical_devices("GPU")
     if gpus:  # bfloat16 tensor cores from Ampere (compute capability 8.0) on
         capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability")
@@ -346,7 +345,9 @@ def build_cyclegan(cfg):
         d_b = build_discriminator(cfg, "discriminator_B")
         for d in (d_a, d_b):
             # Under mixed_float16 (not bfloat16), Keras 3 adds loss scaling to the optimizer itself.
-            d.compile(optimizer=make_optimizer(cfg), loss="mse", jit_compile=cfg.jit_compile)
+            # A loss object, not "mse": Keras 3 cannot reload a .h5 compiled with the string.
+            d.compile(optimizer=make_optimizer(cfg), loss=keras.losses.MeanSquaredError(),
+                      jit_compile=cfg.jit_compile)
         adversarial = build_adversarial_model(g_ab, g_ba, d_a, d_b, cfg)
     return CycleGAN(g_ab, g_ba, d_a, d_b, adversarial, cfg.jit_compile)
 
@@ -361,6 +362,10 @@ def float32_twin(model):
     twin = model.__class__.from_config(config)
     twin.set_weights(model.get_weights())
     twin.trainable = model.trainable
+    if model.compiled:  # a reloaded discriminator trains as the saved one did
+        optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)  # no loss scaling
+        twin.compile(optimizer=optimizer.__class__.from_config(optimizer.get_config()),
+                     loss=model.loss)
     return twin
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from config import UserError, make_config
+from fileio import new_output
 
 DEFAULT_URL = "http://efrosgans.eecs.berkeley.edu/cyclegan/pretrained_models/{name}.pth"
 URL_VARIABLE = "CYCLEGAN_PRETRAINED_URL"
@@ -274,19 +275,10 @@ def describe(model):
     return f"resnet_{(len(convs) - 6) // 2}blocks generator, ngf {convs[0].filters}"
 
 
-def check_output(output_path):
-    output_path = Path(output_path)
-    if output_path.suffix not in (".h5", ".keras"):
-        raise CheckpointError(f"--output {output_path} must end in .h5 or .keras")
-    if output_path.exists():
-        raise CheckpointError(f"--output {output_path} already exists; remove it or choose another name")
-    return output_path
-
-
 def convert(pth_path, output_path, image_size=256):
     """Convert an official .pth into a Keras .h5 (or .keras); returns the model."""
     from train_utils import save_h5
-    output_path = check_output(output_path)
+    output_path = new_output(output_path, (".h5", ".keras"))
     state = read_pth(pth_path)
     try:
         model = convert_state_dict(state, image_size)
@@ -310,7 +302,7 @@ def convert_pretrained(name, output_path):
     if not re.fullmatch(r"[A-Za-z0-9_]+", name):
         raise UserError(f"--pretrained {name!r} is not a model name; official ones: "
                         + ", ".join(OFFICIAL_NAMES))
-    check_output(output_path)
+    new_output(output_path, (".h5", ".keras"))
     with tempfile.TemporaryDirectory() as folder:
         pth = data.download([pretrained_url(name)], Path(folder) / f"{name}.pth")
         return convert(pth, output_path)

@@ -41,6 +41,7 @@ def saved_config(given):
         if field in given and given[field] != saved[field]:
             raise UserError(f"--resume: run {given['name']!r} was trained with "
                             f"{config.flag(field)} {saved[field]}, not {given[field]}")
+    given = {k: v for k, v in given.items() if k != "preset"}  # equal to the saved one here
     return config.make_config(saved.pop("preset"), **{**saved, **given})
 
 
@@ -139,7 +140,7 @@ def run_training(cfg, strategy, root, files_a, files_b, paths, resume):
     """Set up, restore, and run the epochs of a run whose folder this process holds."""
     run, step = set_up(cfg, strategy, root, files_a, files_b, paths, resume)
     if resume and step >= run.steps * cfg.total_epochs:
-        if not all((paths["models"] / f).is_file() for f in tu.MODEL_FILES.values()):
+        if run.chief and not all((paths["models"] / f).is_file() for f in tu.MODEL_FILES.values()):
             tu.save_models(run.gan, paths["models"])
         print(f"Run {cfg.name} already finished ({step} steps); nothing to do.")
         return
@@ -203,7 +204,7 @@ def run_epochs(run, step):
                 if run.chief and mid_epoch and (step % checkpoint_every == 0 or stopping):
                     run.checkpoint.save(step)
                 if mid_epoch and stopping:
-                    return stopped(stopping, cfg, step, run.logger)
+                    return stopped(stopping, run, step)
             if run.chief:
                 write_epoch_outputs(run, epoch, step,
                                     {k: v / (steps - first) for k, v in sums.items()})
@@ -211,7 +212,7 @@ def run_epochs(run, step):
                     run.checkpoint.save(step)  # after the epoch's outputs: a resume never skips them
                 run.logger.flush()
             if stopping and epoch < cfg.total_epochs:
-                return stopped(stopping, cfg, step, run.logger)
+                return stopped(stopping, run, step)
     print(f"Done: samples, loss curves and models in {run.paths['root']}" if run.chief else
           "Done: this worker's part is over; the chief wrote the results")
 
@@ -231,7 +232,8 @@ def write_epoch_outputs(run, epoch, step, mean_losses):
         tu.save_models(run.gan, paths["models"])
 
 
-def stopped(reason, cfg, step, logger):
-    logger.flush()
-    print(f"\n{reason}: checkpoint saved at step {step}; "
-          f"continue with: python main.py --name {cfg.name} --resume")
+def stopped(reason, run, step):
+    run.logger.flush()
+    saved = "checkpoint saved" if run.chief else "the chief saved the checkpoint"
+    print(f"\n{reason}: {saved} at step {step}; "
+          f"continue with: python main.py --name {run.cfg.name} --resume")

@@ -132,7 +132,7 @@ def fit_batch(model, x, y):
     then all-reduced, as in `fit`).
     """
     strategy = model.distribute_strategy
-    if model.train_function is None:
+    if model.train_function is None and model not in _REPLICATED_STEPS:
         # Create loss trackers and optimizer slots before the step is traced.
         # Keras would create them while tracing, which makes TensorFlow trace
         # the step a second time (half of a run's start-up, measured); under
@@ -161,7 +161,7 @@ def replicated_train_function(model):
     if model not in _REPLICATED_STEPS:
         strategy = model.distribute_strategy
 
-        @tf.function
+        @tf.function(jit_compile=model.jit_compile)
         def train(data):
             logs = strategy.run(model.train_step, args=(data,))
             return {k: strategy.reduce("MEAN", v, axis=None) for k, v in logs.items()}
@@ -188,7 +188,8 @@ def update_discriminator(d, real, fake, cfg):
 def timed_part(times, part):
     """Adds the seconds of the block to times[part] (no-op when times is None).
 
-    Every call inside returns host values (floats, NumPy), so the work is done when it ends.
+    The losses fit_batch returns are host floats, so each update is done when
+    its block ends; a block that only hands on tensors is counted where they are used.
     """
     start = time.perf_counter()
     yield
@@ -311,8 +312,11 @@ class RunLock:
 
     def __init__(self, folder):
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        self.file = open(folder / self.FILE, "a+")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            self.file = open(folder / self.FILE, "a+")
+        except OSError as error:
+            raise UserError(f"cannot write the run folder {folder} ({error.strerror})") from None
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -151,6 +151,8 @@ def test_summary_prints_book_sizes(capsys):
     (["--name", "../elsewhere"], "--name must be a plain folder name"),
     (["--name", ".."], "--name must be a plain folder name"),
     (["--name", ""], "--name must be a plain folder name"),
+    (["evaluate", "--name", "../x"], "--name must be a plain folder name"),
+    (["evaluate", "--generators", "a.h5", "b.h5", "--data", ".", "--name", "a/b"], "plain folder"),
 ])
 def test_bad_input_is_a_one_line_error(tmp_path, monkeypatch, capsys, args, words):
     monkeypatch.chdir(tmp_path)
@@ -335,3 +337,12 @@ def test_a_run_saved_before_a_setting_existed_resumes_with_its_old_networks(tmp_
     assert train.saved_config(given).alignment == "keras"
     with pytest.raises(config.UserError, match="trained with --alignment keras, not torch"):
         train.saved_config({**given, "alignment": "torch"})
+
+
+def test_resume_accepts_the_runs_own_preset_and_refuses_another(trained_run, monkeypatch, capsys):
+    work, _ = trained_run
+    monkeypatch.chdir(work)
+    args = ["--data", "data", "--name", "tiny", "--resume", "--preset"]
+    assert main.config_from_args(main.parse_args(args + ["book"])).preset == "book"
+    assert "trained with --preset book, not paper" in one_line_error(args + ["paper", "--epochs", 1],
+                                                                   capsys)

@@ -305,3 +305,10 @@ def test_startup_checks_images_without_decoding_them_in_tensorflow(tiny_dataset,
         raise AssertionError("an image was decoded at start-up")
     monkeypatch.setattr(tf.io, "decode_image", no_decode)
     assert len(data.domain_files(tiny_dataset, "train", "A")) == 5
+
+
+def test_an_image_read_on_its_own_that_cannot_be_used_is_a_one_line_error(tmp_path):
+    """Samples, truth images, evaluation: a damaged file is named, never a traceback."""
+    (tmp_path / "truth.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(data.DataError, match="cannot use image .*truth.png.*: unreadable"):
+        data.load_batch([str(tmp_path / "truth.png")], 32)

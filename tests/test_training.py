@@ -266,3 +266,13 @@ def test_bfloat16_learns_as_float32_and_saves_float32_models_that_load_in_plain_
     g = keras.models.load_model(tmp_path / "generatorAToB.h5", compile=False)
     np.testing.assert_allclose(g(a), gan.g_ab(a, training=False), atol=0.05)  # bfloat16's rounding
     assert gan.g_ab.compute_dtype == "bfloat16"  # the live networks keep training in bfloat16
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16"])
+def test_saved_discriminators_reload_compiled_in_float32_and_train(tmp_path, precision):
+    """Whatever the run's precision, a saved .h5 is float32 and a discriminator reloads compiled."""
+    gan = models.build_cyclegan(make_config(image_size=32, filters=8, precision=precision))
+    tu.save_models(gan, tmp_path)
+    d = keras.models.load_model(tmp_path / tu.MODEL_FILES["d_a"])
+    assert d.compiled and d.compute_dtype == "float32"
+    assert isinstance(d.loss, keras.losses.MeanSquaredError)
