@@ -213,6 +213,8 @@ def official_layout(state):
     if "model.1.weight" in state:
         ngf = state["model.1.weight"].shape[0]
         blocks = len({m.group(1) for m in map(BLOCK_KEY.match, state) if m})
+        if not blocks:  # --res-blocks 0 means the paper's rule here, not none
+            raise CheckpointError("expected a ResnetGenerator with residual blocks, found none")
         layout = ("generator", ngf, blocks, generator_parameters(ngf, blocks))
     elif "model.0.weight" in state:
         ndf = state["model.0.weight"].shape[0]

@@ -109,6 +109,9 @@ def test_wrong_layouts_name_what_was_expected():
         pretrained.convert_state_dict(wrong_shape)
     with pytest.raises(pretrained.CheckpointError, match="expected an official CycleGAN"):
         pretrained.convert_state_dict({"fc.weight": np.zeros((2, 2), np.float32)})
+    no_blocks = {k: v for k, v in state.items() if not pretrained.BLOCK_KEY.match(k)}
+    with pytest.raises(pretrained.CheckpointError, match="with residual blocks, found none"):
+        pretrained.convert_state_dict(no_blocks)
 
 
 @pytest.mark.parametrize("fmt", ["zip", "legacy"])
