@@ -148,10 +148,10 @@ DEMO_DEFAULTS = dict(image_size=32, epochs=4, sample_every=1, save_every=2)
 ARCHITECTURE_FIELDS = ("image_size", "gen", "filters", "res_blocks", "norm", "res_norm",
                        "norm_affine", "padding", "alignment", "upsample", "global_skip", "disc",
                        "disc_filters", "disc_activation", "pool_size", "batch_size")
-# Settings a resumed run must keep as well: the data and its order, and the
-# replicas and dtypes its checkpoint was written with.
+# Settings a resumed run must keep as well: the data, its order and its
+# epochs, and the replicas and dtypes its checkpoint was written with.
 RESUME_FIXED = ARCHITECTURE_FIELDS + ("preset", "data", "seed", "load_size", "limit",
-                                      "precision", "strategy")
+                                      "steps_per_epoch", "precision", "strategy")
 
 # What a setting was in runs saved before config.json held it: such runs
 # resume with the networks they were trained with.

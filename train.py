@@ -234,6 +234,6 @@ def write_epoch_outputs(run, epoch, step, mean_losses):
 
 def stopped(reason, run, step):
     run.logger.flush()
-    saved = "checkpoint saved" if run.chief else "the chief saved the checkpoint"
-    print(f"\n{reason}: {saved} at step {step}; "
+    writer = "" if run.chief else " (by the chief worker)"
+    print(f"\n{reason}: checkpoint saved at step {step};{writer} "
           f"continue with: python main.py --name {run.cfg.name} --resume")
