@@ -60,7 +60,7 @@ def open_run_folder(cfg, paths, resume, overwrite):
         if earlier and not resume:
             if not overwrite:
                 raise UserError(f"{paths['root']} already holds a run; pass --resume to continue "
-                               "it, --overwrite to replace it or --name to start another")
+                                "it, --overwrite to replace it or --name to start another")
             clear_run(cfg, earlier)
         paths["samples"].mkdir(parents=True, exist_ok=True)
     except BaseException:
