@@ -104,7 +104,6 @@ def train(cfg, resume=False, overwrite=False):
     # Before any TensorFlow op runs: --strategy multiworker sets up collective
     # ops, which TensorFlow accepts only at program start-up.
     strategy = tu.make_strategy(cfg.strategy)
-    chief = strategy.extended.should_checkpoint
     precision, why = models.choose_precision(cfg.precision)
     cfg = dataclasses.replace(cfg, precision=precision)  # config.json records the choice
     print(f"Precision: {precision} ({why})")
@@ -114,6 +113,7 @@ def train(cfg, resume=False, overwrite=False):
     files_a = data.domain_files(root, "train", "A", cfg.limit)
     files_b = data.domain_files(root, "train", "B", cfg.limit)
     paths = run_paths(cfg)
+    chief = strategy.extended.should_checkpoint  # only the chief holds the run folder
     with open_run_folder(cfg, paths, resume, overwrite) if chief else contextlib.nullcontext():
         run_training(cfg, strategy, root, files_a, files_b, paths, resume)
 
@@ -124,7 +124,6 @@ class Run:
     cfg: config.Config
     paths: dict
     strategy: object
-    chief: bool               # of several workers, the one that writes
     gan: object
     pools: tuple
     batches: object
@@ -134,6 +133,11 @@ class Run:
     probe: tuple              # fixed images scored at each sample epoch
     logger: tu.TensorBoardLogger = None
     history: tu.LossHistory = None
+
+    @property
+    def chief(self):
+        """Of several workers, the one that writes; the only one otherwise."""
+        return self.strategy.extended.should_checkpoint
 
 
 def run_training(cfg, strategy, root, files_a, files_b, paths, resume):
@@ -170,11 +174,10 @@ def set_up(cfg, strategy, root, files_a, files_b, paths, resume):
         checkpoint = tu.RunCheckpoint(gan, pools, batches, paths["checkpoints"], cfg.image_size)
     steps = data.steps_per_epoch(files_a, files_b, cfg, strategy.num_replicas_in_sync)
     step = checkpoint.restore() if resume else 0
-    chief = strategy.extended.should_checkpoint
-    if chief:
+    run = Run(cfg, paths, strategy, gan, pools, batches, checkpoint, steps, samples, probe)
+    if run.chief:
         save_config(cfg, paths)  # only now: a failed resume leaves the run's settings as they were
-    return Run(cfg, paths, strategy, chief, gan, pools, batches, checkpoint, steps, samples,
-               probe), step
+    return run, step
 
 
 def run_epochs(run, step):
