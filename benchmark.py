@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 import data
+import machine
 import models
 import train_utils as tu
 
@@ -94,7 +95,7 @@ class StepRun:
 
     def __init__(self, cfg):
         self.cfg = cfg
-        self.strategy = tu.make_strategy(cfg.strategy)
+        self.strategy = machine.make_strategy(cfg.strategy)
         self.replicas = self.strategy.num_replicas_in_sync
         with self.strategy.scope():
             self.gan = models.build_cyclegan(cfg)
@@ -117,8 +118,8 @@ class StepRun:
         cfg, replicas, times = self.cfg, self.replicas, self.times
         seconds = statistics.median(times)
         gflop = iteration_gflop(self.gan, cfg) * replicas
-        precision = models.choose_precision(cfg.precision)[0]
-        machine = machine_gflop_s(models.POLICIES[precision].removeprefix("mixed_"))
+        precision = machine.choose_precision(cfg.precision)[0]
+        machine = machine_gflop_s(machine.POLICIES[precision].removeprefix("mixed_"))
         mean = statistics.fmean(times)
         parts = {name: total / len(times) for name, total in self.parts.items()}
         return {

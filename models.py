@@ -2,7 +2,6 @@
 
 Every builder is a pure function of a `config.Config`; nothing here trains.
 """
-import contextlib
 import functools
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -13,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
+import machine
 from config import UserError
 from cyclegan_layers import ReflectionPadding2D
 
@@ -291,54 +291,13 @@ class CycleGAN:
         self.d_b.trainable = flag
 
 
-# Keras policies: float32 weights, optimizer and losses under each; norms compute in float32.
-POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
-NATIVE_BFLOAT16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
-
-
-def native_bfloat16(cpuinfo="/proc/cpuinfo"):
-    """Why this machine computes bfloat16 natively, or None where it would emulate it (slowly)."""
-    gpus = tf.config.list_physical_devices("GPU")
-    if gpus:  # bfloat16 tensor cores from Ampere (compute capability 8.0) on
-        capability = tf.config.experimental.get_device_details(gpus[0]).get("compute_capability")
-        return f"GPU compute capability {capability}" if capability and capability >= (8, 0) else None
-    flags = set()
-    with contextlib.suppress(OSError), open(cpuinfo) as lines:
-        for line in lines:
-            if line.startswith("flags"):
-                flags.update(line.split(":", 1)[1].split())
-    found = [flag for flag in NATIVE_BFLOAT16_CPU_FLAGS if flag in flags]
-    return "CPU with " + ", ".join(found) if found else None
-
-
-def choose_precision(requested):
-    """(precision, why) for --precision: auto is bfloat16 where it is native, else float32."""
-    if requested != "auto":
-        return requested, "as asked"
-    native = native_bfloat16()
-    if native:
-        return "bfloat16", f"auto: native bfloat16 ({native})"
-    return "float32", "auto: no native bfloat16 on this device"
-
-
-@contextlib.contextmanager
-def dtype_policy(cfg):
-    """Layers built inside compute in cfg's precision (auto resolved for this device)."""
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(POLICIES[choose_precision(cfg.precision)[0]])
-    try:
-        yield
-    finally:
-        keras.config.set_dtype_policy(previous)
-
-
 def build_cyclegan(cfg):
     """Two generators, two compiled discriminators, one compiled adversarial model.
 
     Call it inside a `tf.distribute` strategy's scope to place the weights
     and optimizer states on every replica.
     """
-    with dtype_policy(cfg):
+    with machine.dtype_policy(cfg.precision):
         g_ab = build_generator(cfg, "generator_AtoB")
         g_ba = build_generator(cfg, "generator_BtoA")
         d_a = build_discriminator(cfg, "discriminator_A")

@@ -16,6 +16,7 @@ import keras
 import config
 import data
 import metrics
+import machine
 import models
 import train_utils as tu
 from config import UserError
@@ -103,8 +104,8 @@ def train(cfg, resume=False, overwrite=False):
     """
     # Before any TensorFlow op runs: --strategy multiworker sets up collective
     # ops, which TensorFlow accepts only at program start-up.
-    strategy = tu.make_strategy(cfg.strategy)
-    precision, why = models.choose_precision(cfg.precision)
+    strategy = machine.make_strategy(cfg.strategy)
+    precision, why = machine.choose_precision(cfg.precision)
     cfg = dataclasses.replace(cfg, precision=precision)  # config.json records the choice
     print(f"Precision: {precision} ({why})")
     if cfg.data == "demo":

@@ -100,15 +100,6 @@ def build_optimizers(gan):
     gan.adversarial.optimizer.build(gan.adversarial.trainable_variables)
 
 
-def make_strategy(name):
-    """The tf.distribute strategy for --strategy; build models inside its scope."""
-    if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    if name == "multiworker":
-        return tf.distribute.MultiWorkerMirroredStrategy()
-    return tf.distribute.get_strategy()
-
-
 def agreed_stop(strategy, requested):
     """The stop request of this process or, across several workers, of any of them.
 

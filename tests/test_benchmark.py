@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 import benchmark
+import machine
 import models
 from config import make_config
 from conftest import run_cli
@@ -75,7 +76,7 @@ def test_compare_times_float32_and_auto_and_prints_their_ratio(tmp_path):
     figures = json.loads(result.stdout)
     assert figures["float32"]["precision"] == "float32"
     assert figures["auto"]["precision"] == figures["auto_precision"] == \
-        models.choose_precision("auto")[0]
+        machine.choose_precision("auto")[0]
     assert figures["speedup_auto_vs_float32"] == pytest.approx(
         figures["float32"]["seconds_per_iteration"] / figures["auto"]["seconds_per_iteration"])
     for run in ("float32", "auto"):
