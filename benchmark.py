@@ -4,6 +4,7 @@ Every figure comes from one run on one device, so ratios between them
 (utilization, speedups, headroom) stay comparable across noisy machines.
 """
 import dataclasses
+import json
 import resource
 import statistics
 import tempfile
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+import config
 import data
 import machine
 import models
@@ -119,7 +121,7 @@ class StepRun:
         seconds = statistics.median(times)
         gflop = iteration_gflop(self.gan, cfg) * replicas
         precision = machine.choose_precision(cfg.precision)[0]
-        machine = machine_gflop_s(machine.POLICIES[precision].removeprefix("mixed_"))
+        rate = machine_gflop_s(machine.POLICIES[precision].removeprefix("mixed_"))
         mean = statistics.fmean(times)
         parts = {name: total / len(times) for name, total in self.parts.items()}
         return {
@@ -130,8 +132,8 @@ class StepRun:
             "seconds_per_iteration": seconds, "seconds_per_iteration_min": min(times),
             "seconds_per_iteration_max": max(times), "iterations_per_s": 1 / seconds,
             "images_per_s": 2 * cfg.batch_size * replicas / seconds, "gflop_per_iteration": gflop,
-            "achieved_gflop_s": gflop / seconds, "machine_gflop_s": machine,
-            "utilization": gflop / seconds / machine,
+            "achieved_gflop_s": gflop / seconds, "machine_gflop_s": rate,
+            "utilization": gflop / seconds / rate,
             # Means over the same steps, timed inside them: they add up to the mean step.
             "seconds_per_iteration_mean": mean, **parts, "other_s": mean - sum(parts.values()),
         }
@@ -200,3 +202,16 @@ def format_figures(figures, prefix=""):
     show = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
     return "\n".join(format_figures(value, f"{prefix}{name}.") if isinstance(value, dict)
                      else f"{prefix}{name}: {show(value)}" for name, value in figures.items())
+
+
+def command(args):
+    """`main.py benchmark`: the figures of the step and pipeline, or float32 against auto."""
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config.Config)}
+    cfg = config.make_config(given.pop("preset") or "book", **given)
+    if args.steps < 1 or args.pipeline_images < 1:
+        raise config.UserError("--steps and --pipeline-images must be at least 1")
+    if args.compare:
+        figures = compare_precisions(cfg, args.steps)
+    else:
+        figures = run_benchmark(cfg, args.steps, args.pipeline_images)
+    print(json.dumps(figures, indent=2) if args.json else format_figures(figures))

@@ -1,7 +1,7 @@
 """Every hyperparameter in one place: the Config dataclass and its presets.
 
-The CLI fills a Config, the builders in `models.py` and the loop in
-`main.py` read it; a preset is just a named Config value.
+The CLI (`main.py`) fills a Config; the builders in `models.py` and the
+run in `train.py` read it; a preset is just a named Config value.
 """
 import dataclasses
 from dataclasses import dataclass
@@ -10,6 +10,11 @@ from dataclasses import dataclass
 class UserError(Exception):
     """A mistake the user must fix (a flag, a file, a folder); one-line message."""
     exit_code = 2
+
+
+def one_line(error):
+    """The first line of an exception's message, or its type when it has none."""
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
 def setting(default, help, shown=None):
@@ -72,7 +77,7 @@ class Config:
     strategy: str = setting("default", "one device, all local GPUs, or TF_CONFIG's machines")
     precision: str = setting("auto", "compute dtype, weights stay float32; auto: bfloat16 where "
                                      "the hardware has it natively, else float32")
-    jit_compile: bool = setting(False, "XLA; slower on the CPU measured, try it on a GPU")
+    jit_compile: bool = setting(False, "XLA compilation of the steps (docs/benchmarks.md)")
 
     # Outputs.
     sample_every: int = setting(10, "epochs between sample grids and metrics")
@@ -156,6 +161,8 @@ RESUME_FIXED = ARCHITECTURE_FIELDS + ("preset", "data", "seed", "load_size", "li
 # What a setting was in runs saved before config.json held it: such runs
 # resume with the networks they were trained with.
 BEFORE_IT_WAS_SAVED = {"alignment": "keras", "disc_filters": 64, "gen": "resnet"}
+# Settings that say where a run is: taken from the command line, never from a saved config.
+LOCATION_FIELDS = ("name", "results_dir", "log_dir")
 
 # Larger inputs are for `translate`, which takes any size; training them needs a big accelerator.
 MAX_IMAGE_SIZE = 1024
@@ -204,6 +211,33 @@ def make_config(preset="book", **overrides):
     cfg = dataclasses.replace(base, **given)
     validate(cfg)
     return cfg
+
+
+def checked_settings(saved):
+    """The settings of a saved config.json (a parsed JSON value), checked against Config's
+    fields, types, ranges and choices; location fields left out.
+
+    Raises UserError naming the first fault.
+    """
+    if not isinstance(saved, dict):
+        raise UserError(f"a JSON object of settings was expected, not {type(saved).__name__}")
+    saved = {**BEFORE_IT_WAS_SAVED, **saved}
+    if "mixed_precision" in saved:  # a run from before --precision
+        saved["precision"] = "float16" if saved.pop("mixed_precision") is True else "float32"
+    settings = {}
+    for field in dataclasses.fields(Config):
+        if field.name in LOCATION_FIELDS:
+            continue
+        if field.name not in saved:
+            raise UserError(f"{field.name} is missing")
+        value, kind = saved[field.name], type(field.default)
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not (isinstance(value, bool) if kind is bool else numeric if kind is float
+                else isinstance(value, kind) and not isinstance(value, bool)):
+            raise UserError(f"{field.name} is {value!r}, not {kind.__name__}")
+        settings[field.name] = float(value) if kind is float else value
+    make_config(**settings)  # ranges and choices
+    return settings
 
 
 def flag(field):

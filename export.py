@@ -17,7 +17,7 @@ import tensorflow as tf
 import models
 from config import UserError
 from data import to_uint8
-from fileio import atomic_write, new_output
+from fileio import checked_output, user_output
 
 # Format -> the ending its --output must have ("" for a folder).
 FORMATS = {"keras": ".keras", "saved_model": "", "onnx": ".onnx", "tflite": ".tflite"}
@@ -152,11 +152,10 @@ def export(generator_path, fmt, output, size=None):
     if size and (fmt != "tflite" or min(size) < 4):
         raise UserError("--size applies to --format tflite only, and needs two sizes of at least 4")
     size = tuple(size or (None, None))
-    output = new_output(output, (FORMATS[fmt],))
+    output = checked_output(output, (FORMATS[fmt],))
     require_packages(fmt)
     generator = models.load_generator(generator_path)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(output) as tmp:
+    with user_output(output, (FORMATS[fmt],)) as tmp:
         WRITERS[fmt](generator, tmp, size)
         diff, unit = difference(fmt, generator, tmp, size)
         if diff > TOLERANCE[unit]:
@@ -166,3 +165,8 @@ def export(generator_path, fmt, output, size=None):
     print(f"Exported {generator_path} as {fmt} to {output}; max abs difference from the .h5 "
           f"on a test image: {diff:.3g} ({scale})")
     return diff
+
+
+def command(args):
+    """`main.py export`."""
+    export(args.generator, args.format, args.output, args.size)

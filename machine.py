@@ -1,4 +1,5 @@
-"""What machine this is: the precision and the tf.distribute strategy a run computes with.
+"""What machine this is: the precision and the tf.distribute strategy a run computes with,
+and the process-wide settings held for a while.
 
 The one place that looks at the hardware (CPU flags, GPUs) and at TF_CONFIG;
 the builders, the loop and the benchmark ask it.
@@ -39,14 +40,20 @@ def choose_precision(requested):
 
 
 @contextlib.contextmanager
-def dtype_policy(precision):
-    """Layers built inside compute in `precision` (auto resolved for this device)."""
-    previous = keras.config.dtype_policy()
-    keras.config.set_dtype_policy(POLICIES[choose_precision(precision)[0]])
+def temporarily(get, set, value):
+    """A process-wide setting at `value` for the block, then back at what it was."""
+    previous = get()
+    set(value)
     try:
         yield
     finally:
-        keras.config.set_dtype_policy(previous)
+        set(previous)
+
+
+def dtype_policy(precision):
+    """Layers built inside compute in `precision` (auto resolved for this device)."""
+    return temporarily(keras.config.dtype_policy, keras.config.set_dtype_policy,
+                       POLICIES[choose_precision(precision)[0]])
 
 
 def make_strategy(name):

@@ -1,22 +1,22 @@
-"""How good is a run: cycle, identity and paired-truth scores, FID/KID, the results page.
+"""How good is a run: cycle, identity and paired-truth scores, FID/KID, `main.py evaluate`.
 
 Every image score is computed on [0, 1] pixels, per image, then averaged.
 Names end in the domain of the images scored: cycle_L1_A is A->B->A.
 """
-import datetime
-import html
 import json
 from collections import defaultdict
 from pathlib import Path
-from urllib.parse import quote
 
 import numpy as np
 import tensorflow as tf
 
+import config
 import data
+import report
 from config import UserError
 from data import to_unit
 from fileio import atomic_write
+from run_folder import RunFolder
 
 EVAL_BATCH = 8          # images per generator call: memory stays flat on any test set
 PROBE_IMAGES = 8        # per domain, scored at every sample epoch of a training run
@@ -24,24 +24,6 @@ PSNR_CAP_DB = 100.0     # identical images would give infinity, which JSON canno
 KID_SUBSET = 1000       # as Binkowski et al.
 KID_SUBSETS = 100
 INCEPTION_PX = 299
-
-LABELS = {
-    "cycle_L1_A": "cycle A->B->A, L1",
-    "cycle_PSNR_A": "cycle A->B->A, PSNR dB",
-    "cycle_L1_B": "cycle B->A->B, L1",
-    "cycle_PSNR_B": "cycle B->A->B, PSNR dB",
-    "identity_L1_A": "identity, A through G_BA, L1",
-    "identity_L1_B": "identity, B through G_AB, L1",
-    "truth_PSNR": "G_AB(A) vs truth, PSNR dB",
-    "baseline_PSNR": "A vs truth (do nothing), PSNR dB",
-    "truth_SSIM": "G_AB(A) vs truth, SSIM",
-    "baseline_SSIM": "A vs truth (do nothing), SSIM",
-    "FID_B": "FID, G_AB(A) vs B",
-    "KID_B": "KID, G_AB(A) vs B",
-    "FID_A": "FID, G_BA(B) vs A",
-    "KID_A": "KID, G_BA(B) vs A",
-}
-
 
 class FeaturesUnavailable(Exception):
     """No Inception features (no weights, too few images): FID/KID are skipped."""
@@ -212,18 +194,12 @@ def distribution_scores(model, g_ab, g_ba, files_a, files_b, size):
     return scores
 
 
-# --- Reporting -------------------------------------------------------------
+# --- metrics.json and the evaluate command ----------------------------------
 
-def table_rows(scores):
-    """(label, value) pairs: the LABELS scores present in their order, then any others by name."""
-    names = [n for n in LABELS if n in scores] + [n for n in scores if n not in LABELS]
-    return [(LABELS.get(name, name), f"{scores[name]:.4g}") for name in names]
-
-
-def format_table(scores):
-    rows = table_rows(scores)
-    width = max(len(label) for label, _ in rows)
-    return "\n".join(f"{label:<{width}}  {value}" for label, value in rows)
+def save_scores(path, scores, source):
+    """metrics.json: the scores and what they were measured on, written whole."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps({"source": source, "metrics": scores}, indent=2))
 
 
 def truth_verdict(scores):
@@ -233,62 +209,55 @@ def truth_verdict(scores):
             f"PSNR {scores['truth_PSNR']:.2f} dB vs {scores['baseline_PSNR']:.2f} dB")
 
 
-def save_scores(path, scores, source):
-    """metrics.json: the scores and what they were measured on, written whole."""
-    with atomic_write(path) as tmp:
-        tmp.write_text(json.dumps({"source": source, "metrics": scores}, indent=2))
+def evaluation_target(args):
+    """(run folder, generator paths, dataset, image size, whether the folder is a training run)."""
+    if args.generators:
+        if not args.data:
+            raise UserError("--generators needs --data")
+        name = args.name or f"{Path(args.data).resolve().name}-eval"
+        size = args.image_size or (config.DEMO_DEFAULTS["image_size"] if args.data == "demo"
+                                   else config.Config.image_size)
+        folder = RunFolder(args.results_dir, config.Config.log_dir, name)
+        return folder, args.generators, args.data, size, False
+    if not args.name:
+        raise UserError("evaluate needs --name NAME (a training run) or --generators A2B B2A --data D")
+    folder = RunFolder(args.results_dir, config.Config.log_dir, args.name)
+    saved = folder.saved_settings()
+    return (folder, [folder.model("g_ab"), folder.model("g_ba")], args.data or saved["data"],
+            args.image_size or saved["image_size"], True)
 
 
-def track(gan, probe, run, logger, step, epoch):
-    """At a sample epoch: probe scores to TensorBoard and metrics.json, the page rebuilt."""
-    scores = image_scores(gan.g_ab, gan.g_ba, *probe)
-    logger.scalars({f"metrics/{name}": value for name, value in scores.items()}, step)
-    counts = [sum(len(x) for x, _ in batches) for batches in probe]
-    save_scores(Path(run) / "metrics.json", scores,
-                f"epoch {epoch}, {counts[0]} A and {counts[1]} B images")
-    write_results_page(run)
+def fid_kid_scores(args, g_ab, g_ba, files_a, files_b, size):
+    """FID and KID, or none after one line saying why they are skipped."""
+    try:
+        if args.no_fid:
+            raise FeaturesUnavailable("--no-fid given")
+        inception = load_inception(args.inception_weights)
+        return distribution_scores(inception, g_ab, g_ba, files_a, files_b, size)
+    except FeaturesUnavailable as why:
+        print(f"FID/KID skipped: {why}")
+        return {}
 
 
-# --- The results page ------------------------------------------------------
-
-def html_table(rows):
-    cells = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
-                    for k, v in rows)
-    return f"<table>{cells}</table>"
-
-
-def link(run, name):
-    """An <a> to a file of the run folder, relative so the page opens from anywhere."""
-    return f'<a href="{quote(name)}">{html.escape(name)}</a>' if (Path(run) / name).is_file() else ""
-
-
-def write_results_page(run):
-    """run/index.html: settings, latest metrics, loss curves, sample grids newest first."""
-    run = Path(run)
-    parts = [f"<h1>{html.escape(run.name)}</h1>",
-             f"<p>Updated {datetime.datetime.now():%Y-%m-%d %H:%M}. "
-             + " ".join(link(run, n) for n in ("config.json", "metrics.json", "losses.csv")) + "</p>"]
-    if (run / "config.json").is_file():
-        settings = json.loads((run / "config.json").read_text())
-        parts.append(f"<details><summary>Settings</summary>{html_table(settings.items())}</details>")
-    if (run / "metrics.json").is_file():
-        saved = json.loads((run / "metrics.json").read_text())
-        parts += [f"<h2>Metrics ({html.escape(saved['source'])})</h2>",
-                  html_table(table_rows(saved["metrics"]))]
-    if (run / "loss_curves.png").is_file():
-        parts += ["<h2>Loss curves</h2>", '<img src="loss_curves.png" alt="loss curves">']
-    grids = sorted((run / "samples").glob("epoch_*.png"), reverse=True)
-    if grids:
-        parts.append("<h2>Samples, newest first</h2>")
-        parts += [f'<figure><img src="samples/{quote(g.name)}" alt="{html.escape(g.stem)}">'
-                  f"<figcaption>{html.escape(g.stem)}</figcaption></figure>" for g in grids]
-    page = ("<!DOCTYPE html><html><head><meta charset=\"utf-8\">"
-            f"<title>{html.escape(run.name)}</title><style>{PAGE_STYLE}</style></head><body>\n"
-            + "\n".join(parts) + "\n</body></html>\n")
-    with atomic_write(run / "index.html") as tmp:
-        tmp.write_text(page, encoding="utf-8")
-
-
-PAGE_STYLE = ("body{font-family:sans-serif;margin:2em;max-width:60em}"
-              "th{text-align:left;padding-right:2em;font-weight:normal}td{font-family:monospace}"
-              "img{max-width:100%}figure{margin:1em 0}")
+def evaluate(args):
+    """`main.py evaluate`: score a run's (or two saved) generators on a test split."""
+    import models
+    folder, generators, dataset, size, is_run = evaluation_target(args)
+    config.make_config(image_size=size)  # the same size checks as training
+    g_ab, g_ba = (models.load_generator(path) for path in generators)
+    root = data.resolve_dataset(dataset)
+    folder.check_apart_from([root])
+    folder.make_root()  # an unwritable place fails before the scoring, not after
+    files_a, files_b = (data.domain_files(root, "test", d) for d in "AB")
+    truth = truth_files(files_a)
+    source = f"{len(files_a)} A and {len(files_b)} B test images of {root} at {size} px"
+    print(f"Evaluating on {source}" + (", with paired truth" if truth else ""))
+    scores = image_scores(g_ab, g_ba, file_batches(files_a, size, truth), file_batches(files_b, size))
+    scores.update(fid_kid_scores(args, g_ab, g_ba, files_a, files_b, size))
+    print(report.format_table(scores))
+    if truth:
+        print(truth_verdict(scores))
+    save_scores(folder.metrics, scores, f"evaluate: {source}")
+    if is_run:
+        report.write_results_page(folder)
+    print(f"Metrics in {folder.metrics}" + (f", page {folder.page}" if is_run else ""))

@@ -3,6 +3,7 @@
 Every builder is a pure function of a `config.Config`; nothing here trains.
 """
 import functools
+import logging
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable, NamedTuple, Optional
@@ -13,7 +14,8 @@ import tensorflow as tf
 from keras import layers
 
 import machine
-from config import UserError
+from config import UserError, make_config
+from fileio import atomic_write
 from cyclegan_layers import ReflectionPadding2D
 
 
@@ -326,6 +328,26 @@ def float32_twin(model):
         twin.compile(optimizer=optimizer.__class__.from_config(optimizer.get_config()),
                      loss=model.loss)
     return twin
+
+
+def summary(args):
+    """`main.py summary`: the networks' sizes, the discriminator's patch and the six losses."""
+    cfg = make_config(args.preset, image_size=args.image_size)
+    gan = build_cyclegan(cfg)
+    for model in (gan.g_ab, gan.g_ba, gan.d_a, gan.d_b):
+        print(f"{model.name} params={model.count_params()}")
+    print(f"discriminator output={'x'.join(map(str, gan.patch_shape))} "
+          f"receptive_field={receptive_field(gan.d_a)}px at {cfg.image_size}px input")
+    for output, weight in zip(OUTPUTS, loss_weights(cfg)):
+        print(f"adversarial output {output.name}: loss={output.loss} weight={weight:g}")
+
+
+def save_h5(model, path):
+    """A model as .h5, written whole before it replaces an earlier file."""
+    # .h5 on purpose (the chapter's format); Keras's "legacy format" note is noise here.
+    absl = logging.getLogger("absl")
+    with atomic_write(path) as tmp, machine.temporarily(lambda: absl.level, absl.setLevel, logging.ERROR):
+        model.save(tmp)
 
 
 def load_generator(path):

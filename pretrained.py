@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from config import UserError, make_config
-from fileio import new_output
+from fileio import checked_output
 
 DEFAULT_URL = "http://efrosgans.eecs.berkeley.edu/cyclegan/pretrained_models/{name}.pth"
 URL_VARIABLE = "CYCLEGAN_PRETRAINED_URL"
@@ -279,16 +279,24 @@ def describe(model):
 
 def convert(pth_path, output_path, image_size=256):
     """Convert an official .pth into a Keras .h5 (or .keras); returns the model."""
-    from train_utils import save_h5
-    output_path = new_output(output_path, (".h5", ".keras"))
+    import models
+    output_path = checked_output(output_path, (".h5", ".keras"))
     state = read_pth(pth_path)
     try:
         model = convert_state_dict(state, image_size)
     except CheckpointError as error:
         raise CheckpointError(f"{pth_path}: {error}") from None
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    save_h5(model, output_path)
+    models.save_h5(model, output_path)
     return model
+
+
+def convert_command(args):
+    """`main.py convert`: an official .pth (a file, or a pretrained model by name) into a .h5."""
+    if args.pretrained:
+        model = convert_pretrained(args.pretrained, args.output)
+    else:
+        model = convert(args.pth, args.output, args.image_size)
+    print(f"Converted {args.pth or args.pretrained} ({describe(model)}) into {args.output}")
 
 
 def pretrained_url(name):
@@ -304,7 +312,7 @@ def convert_pretrained(name, output_path):
     if not re.fullmatch(r"[A-Za-z0-9_]+", name):
         raise UserError(f"--pretrained {name!r} is not a model name; official ones: "
                         + ", ".join(OFFICIAL_NAMES))
-    new_output(output_path, (".h5", ".keras"))
+    checked_output(output_path, (".h5", ".keras"))
     with tempfile.TemporaryDirectory() as folder:
         pth = data.download([pretrained_url(name)], Path(folder) / f"{name}.pth")
         return convert(pth, output_path)

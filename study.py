@@ -181,3 +181,12 @@ def print_summary(rows):
     for dataset in datasets:
         baseline = next(r["baseline_PSNR"] for d, _, r in rows if d == dataset)
         print(f"{dataset}: doing nothing scores {baseline:.2f} dB PSNR against the truth")
+
+
+def command(args):
+    """`main.py study`: the variants on the datasets, a row printed as each finishes."""
+    steps = DEFAULT_STEPS if args.steps is None else args.steps
+    if steps < 2:
+        raise config.UserError(f"--steps must be at least 2, got {steps}")
+    run_study(args.datasets or DATASETS, args.variants or tuple(VARIANTS), args.image_size, steps,
+              args.seed)

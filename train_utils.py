@@ -1,37 +1,23 @@
-"""Pieces of the training loop: step, image pool, schedule, logging, samples, saving."""
+"""The chapter's training-loop pieces: the step, discriminator updates, image pool, schedule,
+replicas, and the stop a signal asks for."""
 import contextlib
-import csv
-import fcntl
-import logging
-import os
-import shutil
 import signal
 import time
-import warnings
 import weakref
-from pathlib import Path
 
-import matplotlib
+import keras
+import numpy as np
+import tensorflow as tf
 
-matplotlib.use("Agg")  # files only, never a window
-import matplotlib.pyplot as plt  # noqa: E402
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-
-import data  # noqa: E402
-import models  # noqa: E402
-from config import UserError  # noqa: E402
-from fileio import atomic_write  # noqa: E402
-from models import OUTPUT_NAMES  # noqa: E402
+import data
+import models
+from config import UserError
+from models import OUTPUT_NAMES
 
 D_LOSS_NAMES = ("D_A", "D_B")
 G_TOTAL = "G_total"
 G_LOSS_NAMES = OUTPUT_NAMES + (G_TOTAL,)
-LOSS_NAMES = D_LOSS_NAMES + G_LOSS_NAMES
-PROGRESS_NAMES = D_LOSS_NAMES + (G_TOTAL,)  # shown on the progress bar
-MODEL_FILES = {"g_ab": "generatorAToB.h5", "g_ba": "generatorBToA.h5",
-               "d_a": "discriminatorA.h5", "d_b": "discriminatorB.h5"}
+LOSS_NAMES = D_LOSS_NAMES + G_LOSS_NAMES  # what train_step returns
 
 
 class ImagePool:
@@ -229,108 +215,6 @@ def check_finite(losses, step):
                                    "the last checkpoint and saved models are kept (try a lower --lr)")
 
 
-class RunCheckpoint:
-    """Everything a resume needs: networks, optimizer states, step, image pools, data position.
-
-    Pools live in NumPy while training and are copied into variables only
-    when a checkpoint is written or read.
-    """
-
-    def __init__(self, gan, pools, data_iterator, folder, image_size, keep=3):
-        build_optimizers(gan)
-        self.pools = pools
-        self.step = tf.Variable(0, dtype=tf.int64)
-        self.pool_images = [tf.Variable(tf.zeros((p.size, image_size, image_size, 3))) for p in pools]
-        self.pool_counts = [tf.Variable(0, dtype=tf.int64) for _ in pools]
-        checkpoint = tf.train.Checkpoint(
-            g_ab=gan.g_ab, g_ba=gan.g_ba, d_a=gan.d_a, d_b=gan.d_b,
-            d_a_optimizer=gan.d_a.optimizer, d_b_optimizer=gan.d_b.optimizer,
-            adversarial_optimizer=gan.adversarial.optimizer, step=self.step,
-            pool_images=self.pool_images, pool_counts=self.pool_counts, data=data_iterator)
-        self.manager = tf.train.CheckpointManager(checkpoint, str(folder), max_to_keep=keep)
-
-    def save(self, step):
-        """Write the checkpoint of `step`; on failure (a full disk) keep the earlier ones."""
-        self.step.assign(step)
-        for pool, images, count in zip(self.pools, self.pool_images, self.pool_counts):
-            if pool.images:
-                images[:len(pool.images)].assign(np.stack(pool.images))
-            count.assign(len(pool.images))
-        try:
-            self.manager.save(checkpoint_number=step)
-        except (tf.errors.OpError, OSError) as error:
-            for partial in Path(self.manager.directory).glob(f"ckpt-{step}_temp*"):
-                shutil.rmtree(partial, ignore_errors=True)
-            reason = str(getattr(error, "message", error)).rsplit("; ", 1)[-1].split(" [Op:")[0]
-            kept = self.manager.latest_checkpoint
-            raise UserError(f"could not write the checkpoint of step {step} in "
-                            f"{self.manager.directory} ({reason}; is the disk full?); "
-                            + (f"{Path(kept).name} is kept, resume from it with --resume" if kept
-                               else "no checkpoint was written")) from None
-
-    def restore(self):
-        """Load the newest checkpoint that restores whole; returns its step (0 if none exist).
-
-        A damaged one (a truncated file, say) is skipped with a warning naming it.
-        """
-        candidates = list(reversed(self.manager.checkpoints))
-        for path in candidates:
-            try:
-                self.manager.checkpoint.restore(path).assert_existing_objects_matched()
-            except Exception as error:  # what a damaged file raises varies with the damage
-                warnings.warn(f"skipping damaged checkpoint {path} ({data.one_line(error)})",
-                              DamagedCheckpointWarning)
-                continue
-            for pool, images, count in zip(self.pools, self.pool_images, self.pool_counts):
-                pool.images = list(images.numpy()[:int(count.numpy())])
-            return int(self.step.numpy())  # .numpy(): a MirroredVariable under a strategy
-        if candidates:
-            raise UserError(f"no checkpoint in {self.manager.directory} can be restored")
-        return 0
-
-
-class DamagedCheckpointWarning(UserWarning):
-    """A checkpoint could not be read; an older one is used."""
-
-
-class RunLock:
-    """An exclusive lock on a run folder while this process works in it.
-
-    The kernel drops the lock when the process ends, however it ends, so a
-    killed run never leaves a stale lock behind.
-    """
-    FILE = ".lock"
-
-    def __init__(self, folder):
-        folder = Path(folder)
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            self.file = open(folder / self.FILE, "a+")
-        except OSError as error:
-            raise UserError(f"cannot write the run folder {folder} ({error.strerror})") from None
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "?"
-            self.file.close()
-            raise UserError(f"run {folder.name!r} is in use by another process (pid {holder}); "
-                            "wait for it to finish or stop it first") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(str(os.getpid()))
-        self.file.flush()
-
-    def release(self):
-        self.file.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.release()
-
-
 @contextlib.contextmanager
 def out_of_memory_as_user_error(cfg):
     """Running out of memory is the settings' fault: say which settings, in one line."""
@@ -355,143 +239,3 @@ class StopOnSignal:
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-
-
-# --- Logging -------------------------------------------------------------
-
-class TensorBoardLogger:
-    """Scalars, images and model graphs under log_dir/NAME for TensorBoard."""
-
-    def __init__(self, log_dir, name):
-        self.root = Path(log_dir) / name
-        self.writer = tf.summary.create_file_writer(str(self.root))
-
-    def scalars(self, values, step):
-        with self.writer.as_default(step=step):
-            for key, value in values.items():
-                tf.summary.scalar(key, value)
-
-    def image_file(self, tag, png_path, step):
-        image = tf.io.decode_png(tf.io.read_file(str(png_path)), channels=3)
-        with self.writer.as_default(step=step):
-            tf.summary.image(tag, image[None])
-
-    def graph(self, model):
-        """The model's graph in the Graphs tab, as a run of its own."""
-        spec = tf.TensorSpec((1,) + tuple(model.input.shape[1:]), model.input.dtype)
-        graph = tf.function(lambda x: model(x, training=False)).get_concrete_function(spec).graph
-        writer = tf.summary.create_file_writer(str(self.root / f"graph_{model.name}"))
-        with writer.as_default():
-            tf.summary.graph(graph)
-        writer.close()
-
-    def flush(self):
-        self.writer.flush()
-
-
-class NoLogger:
-    """TensorBoardLogger's interface for workers that write nothing (not the chief)."""
-
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
-
-
-class LossHistory:
-    """Per-epoch mean losses in a CSV, so curves survive restarts.
-
-    Rewritten whole at each epoch (atomically); an epoch replayed after a
-    resume replaces its earlier row.
-    """
-
-    def __init__(self, path):
-        self.path = Path(path)
-
-    def append(self, epoch, means):
-        rows = self.read_rows() if self.path.exists() else {}
-        rows[epoch] = [f"{means[k]:.6g}" for k in LOSS_NAMES]
-        with atomic_write(self.path) as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(("epoch",) + LOSS_NAMES)
-            writer.writerows([e] + values for e, values in sorted(rows.items()))
-
-    def read_rows(self):
-        with open(self.path, newline="") as f:
-            return {int(r["epoch"]): [r[k] for k in LOSS_NAMES] for r in csv.DictReader(f)}
-
-    def read(self):
-        rows = sorted(self.read_rows().items())
-        columns = {"epoch": np.array([e for e, _ in rows], float)}
-        for i, name in enumerate(LOSS_NAMES):
-            columns[name] = np.array([float(values[i]) for _, values in rows])
-        return columns
-
-
-def save_loss_curves(history, path):
-    """Discriminator and generator loss curves per epoch, one picture."""
-    columns = history.read()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
-    for name in D_LOSS_NAMES:
-        axes[0].plot(columns["epoch"], columns[name], label=name)
-    for name in G_LOSS_NAMES:
-        axes[1].plot(columns["epoch"], columns[name], label=name)
-    for ax, title in zip(axes, ("Discriminators", "Generators")):
-        ax.set(title=title, xlabel="epoch", ylabel="mean loss")
-        ax.legend(fontsize="small")
-    save_figure(fig, path)
-
-
-def save_figure(fig, path):
-    with atomic_write(path) as tmp:
-        fig.savefig(tmp, format=Path(path).suffix[1:], bbox_inches="tight")
-    plt.close(fig)
-
-
-def save_sample_grid(gan, batch_a, batch_b, path, title):
-    """Rows: A, G_AB(A), G_BA(G_AB(A)) and B, G_BA(B), G_AB(G_BA(B)) per sample."""
-    fake_b, fake_a = gan.translate(batch_a, batch_b)
-    rec_a, rec_b = gan.translate(fake_a, fake_b)[::-1]
-    rows = []
-    # The two domains may offer different numbers of sample images.
-    for i in range(max(len(batch_a), len(batch_b))):
-        if i < len(batch_a):
-            rows.append(((batch_a[i], "original A"), (fake_b[i], "generated B"),
-                         (rec_a[i], "reconstructed A")))
-        if i < len(batch_b):
-            rows.append(((batch_b[i], "original B"), (fake_a[i], "generated A"),
-                         (rec_b[i], "reconstructed B")))
-    fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.6 * len(rows)), squeeze=False,
-                             layout="constrained")
-    for ax_row, row in zip(axes, rows):
-        for ax, (image, label) in zip(ax_row, row):
-            ax.imshow(data.to_unit(image))
-            ax.set_title(label, fontsize=9)
-            ax.axis("off")
-    fig.suptitle(title)
-    save_figure(fig, path)
-
-
-def save_models(gan, folder):
-    """The four networks as float32 .h5, each written whole before it replaces the last."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    gan.set_discriminators_trainable(True)  # a reloaded discriminator should train
-    for attr, filename in MODEL_FILES.items():
-        save_h5(models.float32_twin(getattr(gan, attr)), folder / filename)
-
-
-def save_h5(model, path):
-    """A model as .h5, written whole before it replaces an earlier file."""
-    # .h5 on purpose (the chapter's format); Keras's "legacy format" note is noise here.
-    with atomic_write(path) as tmp, silence_absl_warnings():
-        model.save(tmp)
-
-
-@contextlib.contextmanager
-def silence_absl_warnings():
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)

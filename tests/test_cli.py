@@ -11,6 +11,7 @@ from conftest import one_line_error, page_links, read_tensorboard, run_cli, tiny
 import config
 import main
 import train
+from run_folder import RunFolder
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
@@ -41,15 +42,29 @@ def test_training_writes_every_output(trained_run):
     assert not list(run.rglob(".*tmp*"))  # no temporary files left
 
 
-def test_tensorboard_has_all_losses_learning_rate_samples_and_graphs(trained_run):
+def test_output_off_a_terminal_is_one_plain_line_per_epoch_with_the_whole_runs_estimate(trained_run):
+    _, result = trained_run  # its stdout is a pipe, as under nohup or on a cluster
+    assert "\r" not in result.stdout and "\x1b" not in result.stdout and "\b" not in result.stdout
+    lines = result.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Run: "))
+    assert lines[start].startswith("Run: 8 steps in all (2 epochs of 4)")
+    epochs = [line for line in lines[start:] if line.startswith("Epoch ")]
+    assert [line.split(":")[0] for line in epochs] == ["Epoch 1/2", "Epoch 2/2"]
+    assert "the run has 4 steps left, about" in epochs[0] and "D_A " in epochs[0]
+    assert "the run is complete" in epochs[1]
+
+
+def test_one_training_is_one_tensorboard_run_with_grouped_tags_and_graphs(trained_run):
     work, _ = trained_run
     events = read_tensorboard(work / "logs" / "tiny")
     tags = set(events.Tags()["tensors"])
-    losses = {"D_A", "D_B", "adv_A", "adv_B", "cycle_A", "cycle_B", "identity_A", "identity_B"}
-    assert losses | {"G_total", "learning_rate", "samples"} <= tags
-    assert [e.step for e in events.Tensors("D_A")] == list(range(1, 9))
-    for run in ("graph_generator_AtoB", "graph_discriminator_A"):
-        assert read_tensorboard(work / "logs" / "tiny" / run).Tags()["graph"]
+    losses = {"D_A", "D_B", "adv_A", "adv_B", "cycle_A", "cycle_B", "identity_A", "identity_B",
+              "G_total"}
+    assert {f"loss/{name}" for name in losses} | {"train/learning_rate", "samples"} <= tags
+    assert {tag.split("/")[0] for tag in tags} == {"loss", "train", "metrics", "samples"}
+    assert [e.step for e in events.Tensors("loss/D_A")] == list(range(1, 9))
+    assert events.Graph().node  # the graphs are in the run itself
+    assert [p for p in (work / "logs" / "tiny").iterdir() if p.is_dir()] == []  # one run
 
 
 def test_training_logs_metrics_and_builds_a_page_whose_links_resolve(trained_run):
@@ -205,10 +220,10 @@ def test_translate_rejects_a_file_that_is_not_a_model(tmp_path):
 
 
 def test_no_data_flag_means_the_demo_with_demo_defaults():
-    cfg = main.config_from_args(main.parse_args([]))
+    cfg = train.config_from_args(main.parse_args([]))
     assert cfg.data == "demo" and cfg.name == "demo"
     assert cfg.image_size == 32 and cfg.preset == "book"
-    cfg = main.config_from_args(main.parse_args(["--data", "monet2photo"]))
+    cfg = train.config_from_args(main.parse_args(["--data", "monet2photo"]))
     assert (cfg.image_size, cfg.batch_size, cfg.epochs, cfg.name) == (128, 1, 200, "monet2photo")
 
 
@@ -227,16 +242,16 @@ def test_a_path_like_dataset_names_the_run_after_the_folder_and_overwrite_stays_
     work = tmp_path / "project"
     (work / "sub").mkdir(parents=True)
     monkeypatch.chdir(work / "sub")
-    assert main.config_from_args(main.parse_args(["--data", ".."])).name == "project"
-    assert main.config_from_args(main.parse_args(["--data", "photos/"])).name == "photos"
+    assert train.config_from_args(main.parse_args(["--data", ".."])).name == "project"
+    assert train.config_from_args(main.parse_args(["--data", "photos/"])).name == "photos"
     # A results/NAME that is a link elsewhere is never emptied by --overwrite.
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "keep.txt").write_text("mine")
     (work / "sub" / "results").mkdir()
     (work / "sub" / "results" / "run").symlink_to(tmp_path / "precious")
-    cfg = main.config_from_args(main.parse_args(["--name", "run"]))
-    with pytest.raises(config.UserError, match="not a folder inside results"):
-        train.clear_run(cfg, list((work / "sub" / "results" / "run").iterdir()))
+    cfg = train.config_from_args(main.parse_args(["--name", "run"]))
+    with pytest.raises(config.UserError, match="is a link"):
+        RunFolder.of(cfg).open([work / "data"], overwrite=True)
     assert (tmp_path / "precious" / "keep.txt").read_text() == "mine"
 
 
@@ -308,6 +323,16 @@ def test_translate_never_overwrites_originals_or_earlier_outputs(trained_run, tm
     assert main.main([str(a) for a in translate_args(work, tmp_path / "in", tmp_path / "out",
                                                      "--overwrite")]) == 0
     Image.open(tmp_path / "out" / originals[1].name).verify()
+    # An output name that is a folder, or a link, is never written into or through.
+    (tmp_path / "out" / originals[1].name).unlink()
+    (tmp_path / "out" / originals[1].name).mkdir()
+    (tmp_path / "victim.png").write_text("precious")
+    (tmp_path / "out" / originals[0].name).unlink()
+    (tmp_path / "out" / originals[0].name).symlink_to(tmp_path / "victim.png")
+    err = one_line_error(translate_args(work, tmp_path / "in", tmp_path / "out", "--overwrite"), capsys)
+    assert "is a link" in err or "is a folder" in err
+    assert (tmp_path / "victim.png").read_text() == "precious"
+    assert not list((tmp_path / "out").glob(".*tmp*"))
 
 
 def test_translate_skips_unreadable_images_by_name_and_keeps_exif_orientation(trained_run, tmp_path,
@@ -334,15 +359,15 @@ def test_a_run_saved_before_a_setting_existed_resumes_with_its_old_networks(tmp_
     (tmp_path / "results/old").mkdir(parents=True)
     (tmp_path / "results/old/config.json").write_text(json.dumps(old))
     given = {"name": "old", "results_dir": str(tmp_path / "results")}
-    assert train.saved_config(given).alignment == "keras"
+    assert train.resumed_config(given).alignment == "keras"
     with pytest.raises(config.UserError, match="trained with --alignment keras, not torch"):
-        train.saved_config({**given, "alignment": "torch"})
+        train.resumed_config({**given, "alignment": "torch"})
 
 
 def test_resume_accepts_the_runs_own_preset_and_refuses_another(trained_run, monkeypatch, capsys):
     work, _ = trained_run
     monkeypatch.chdir(work)
     args = ["--data", "data", "--name", "tiny", "--resume", "--preset"]
-    assert main.config_from_args(main.parse_args(args + ["book"])).preset == "book"
+    assert train.config_from_args(main.parse_args(args + ["book"])).preset == "book"
     assert "trained with --preset book, not paper" in one_line_error(args + ["paper", "--epochs", 1],
                                                                    capsys)

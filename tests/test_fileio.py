@@ -1,6 +1,15 @@
+"""Files written whole or not at all, never through a link; locks; the checks of user outputs."""
+import shutil
+import subprocess
+import sys
+import time
+
 import pytest
 
-from fileio import atomic_write
+import fileio
+from config import UserError
+from conftest import ENV, ROOT, run_cli, tiny_data, write_images
+from fileio import FileLock, atomic_path, atomic_write, checked_output, user_output
 
 
 def test_atomic_write_replaces_the_file_only_once_written(tmp_path):
@@ -22,3 +31,119 @@ def test_atomic_write_keeps_the_old_file_and_no_temporary_one_on_error(tmp_path)
             raise RuntimeError("disk full")
     assert path.read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["losses.csv"]
+
+
+def test_a_link_planted_at_the_temporary_name_is_never_written_through(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    path = tmp_path / "config.json"
+    atomic_path(path).symlink_to(victim)
+    with atomic_write(path) as tmp:
+        tmp.write_text("settings")
+    assert victim.read_text() == "mine"
+    assert path.read_text() == "settings" and not path.is_symlink()
+
+
+def test_a_failed_clean_up_never_hides_the_first_error(tmp_path, monkeypatch):
+    def fails(path):
+        raise OSError("clean-up failed too")
+    with pytest.raises(RuntimeError, match="the real problem"):
+        with atomic_write(tmp_path / "model") as tmp:
+            tmp.mkdir()
+            monkeypatch.setattr(fileio, "remove", fails)
+            raise RuntimeError("the real problem")
+
+
+def test_an_unwritable_place_is_one_line(tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(UserError, match="cannot write") as error:
+        with atomic_write(tmp_path / "file" / "out.png") as tmp:
+            tmp.write_text("x")
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("make, overwrite, words", [
+    (lambda p: p.mkdir(), True, "is a folder"),
+    (lambda p: p.symlink_to(p.parent / "elsewhere.png"), True, "is a link"),
+    (lambda p: p.write_text("earlier"), False, "already exists; pass --overwrite"),
+])
+def test_user_outputs_refuse_folders_links_and_earlier_files(tmp_path, make, overwrite, words):
+    path = tmp_path / "out.png"
+    make(path)
+    with pytest.raises(UserError, match=words):
+        with user_output(path, overwrite=overwrite) as tmp:
+            tmp.write_text("new")
+    assert not list(tmp_path.glob(".*tmp*"))
+    assert not (tmp_path / "elsewhere.png").exists()
+
+
+def test_user_outputs_check_the_ending_and_never_replace_a_folder_output(tmp_path):
+    with pytest.raises(UserError, match="must end in .h5 or .keras"):
+        checked_output(tmp_path / "g.onnx", (".h5", ".keras"))
+    (tmp_path / "saved").mkdir()
+    with pytest.raises(UserError, match="already exists; choose another"):
+        checked_output(tmp_path / "saved", ("",), overwrite=True)
+    with user_output(tmp_path / "deep" / "er" / "g.h5", (".h5",)) as tmp:
+        tmp.write_text("model")
+    assert (tmp_path / "deep" / "er" / "g.h5").read_text() == "model"
+
+
+def test_a_lock_is_never_taken_through_a_link_and_a_held_one_names_its_holder(tmp_path):
+    (tmp_path / "target").write_text("precious")
+    (tmp_path / "link.lock").symlink_to(tmp_path / "target")
+    with pytest.raises(UserError, match="is a link"):
+        FileLock(tmp_path / "link.lock", "busy")
+    assert (tmp_path / "target").read_text() == "precious"
+    code = ("import sys, time; sys.path.insert(0, sys.argv[1]); import fileio;"
+            "lock = fileio.FileLock(sys.argv[2], 'busy'); print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(ROOT), str(tmp_path / "run.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=f"in use by pid {holder.pid}"):
+            FileLock(tmp_path / "run.lock", "in use by pid {pid}")
+        started = time.monotonic()
+        with pytest.raises(UserError, match="still busy"):
+            FileLock(tmp_path / "run.lock", "still busy", wait=0.5)
+        assert time.monotonic() - started < 30  # the wait has a deadline
+    finally:
+        holder.kill()
+        holder.wait()
+    FileLock(tmp_path / "run.lock", "busy").release()  # the kernel dropped the dead holder's lock
+
+
+def read_only_run(folder, *args, cwd):
+    """The CLI with `folder` mounted read-only, in a private mount namespace of its own."""
+    script = 'mount --bind "$0" "$0" && mount -o remount,ro,bind "$0" && exec "$@"'
+    command = ["unshare", "-rm", "sh", "-c", script, str(folder)]
+    if shutil.which("unshare") is None:
+        pytest.skip("no unshare on this machine")
+    probe = subprocess.run(command + ["touch", str(folder / "probe")], capture_output=True)
+    if b"Read-only" not in probe.stderr:
+        pytest.skip("no private read-only mounts on this machine")
+    return subprocess.run(command + [sys.executable, str(ROOT / "main.py"), *map(str, args)],
+                          cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def test_outputs_on_a_read_only_mount_are_one_line_errors(tmp_path):
+    fixture = ROOT / "tests" / "fixtures" / "official" / "resnet_2blocks_ngf8.zip.pth"
+    run_cli("convert", "--pth", fixture, "--output", tmp_path / "g.h5", cwd=tmp_path)
+    write_images(tmp_path / "in", 1, size=32)
+    tiny_data(tmp_path / "data")
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    commands = [
+        ("translate", "--generator", tmp_path / "g.h5", "--input", tmp_path / "in",
+         "--output", read_only / "out"),
+        ("convert", "--pth", fixture, "--output", read_only / "g.h5"),
+        ("export", "--generator", tmp_path / "g.h5", "--format", "keras",
+         "--output", read_only / "g.keras"),
+        ("evaluate", "--generators", tmp_path / "g.h5", tmp_path / "g.h5", "--data",
+         tmp_path / "data", "--image-size", 32, "--no-fid", "--results-dir", read_only),
+    ]
+    for args in commands:
+        result = read_only_run(read_only, *args, cwd=tmp_path)
+        assert result.returncode == 2, (args[0], result.stderr)
+        errors = [line for line in result.stderr.splitlines() if not line.startswith("warning:")]
+        assert len(errors) == 1 and errors[0].startswith("error: cannot write"), (args[0], errors)
+    assert list(read_only.iterdir()) == []

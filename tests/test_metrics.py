@@ -1,5 +1,4 @@
-"""Quality numbers checked against independent computations; the results page's links."""
-import json
+"""Quality numbers checked against independent computations; FID and KID; evaluate."""
 from pathlib import Path
 
 import keras
@@ -9,10 +8,8 @@ import tensorflow as tf
 
 import data
 import metrics
-import models
-import train_utils as tu
-from config import UserError, make_config
-from conftest import page_links, read_tensorboard, write_images
+from config import UserError
+from conftest import write_images
 
 
 def scaling_model(factor):
@@ -156,48 +153,3 @@ def test_distribution_scores_compare_translated_with_real_features(tmp_path):
     assert scores["KID_B"] == pytest.approx(metrics.kid(feats(-a), feats(b)), rel=1e-4)
     assert scores["FID_A"] == pytest.approx(metrics.fid(feats(0.5 * b), feats(a)), rel=1e-4)
     assert scores["KID_A"] == pytest.approx(metrics.kid(feats(0.5 * b), feats(a)), rel=1e-4)
-
-
-# --- Training hook and the results page ------------------------------------
-
-def test_track_logs_scores_saves_them_and_builds_the_page(tmp_path):
-    keras.utils.set_random_seed(0)
-    cfg = make_config(image_size=32)
-    gan = models.build_cyclegan(cfg)
-    root = data.make_demo_dataset(tmp_path / "demo")
-    probe = metrics.probe_set(data.domain_files(root, "test", "A"),
-                              data.domain_files(root, "test", "B")[:3], 32)
-    run = tmp_path / "run"
-    (run / "samples").mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({"name": "run", "image_size": 32}))
-    for epoch in (1, 2):
-        tu.save_sample_grid(gan, probe[0][0][0][:1], probe[1][0][0][:1],
-                            run / "samples" / f"epoch_{epoch:04d}.png", "t")
-    logger = tu.TensorBoardLogger(tmp_path / "logs", "run")
-    metrics.track(gan, probe, run, logger, step=7, epoch=2)
-    logger.flush()
-
-    saved = json.loads((run / "metrics.json").read_text())
-    assert saved["source"] == "epoch 2, 8 A and 3 B images"
-    expected = metrics.image_scores(gan.g_ab, gan.g_ba, *probe)
-    assert saved["metrics"] == pytest.approx(expected) and "truth_PSNR" in expected
-    events = read_tensorboard(tmp_path / "logs" / "run")
-    logged = events.Tensors("metrics/truth_PSNR")
-    assert [e.step for e in logged] == [7]
-    assert float(tf.make_ndarray(logged[0].tensor_proto)) == pytest.approx(expected["truth_PSNR"])
-
-    links = page_links(run / "index.html")
-    assert links == ["config.json", "metrics.json", "samples/epoch_0002.png", "samples/epoch_0001.png"]
-    assert "G_AB(A) vs truth, PSNR dB" in (run / "index.html").read_text()
-    assert not list(run.glob(".*tmp*"))
-
-
-def test_a_metric_missing_from_labels_still_shows_in_the_table_and_on_the_page(tmp_path):
-    scores = {"new_score": 0.125, "cycle_L1_A": 0.25}
-    assert metrics.format_table(scores).splitlines() == [
-        "cycle A->B->A, L1  0.25", "new_score          0.125"]
-    metrics.save_scores(tmp_path / "metrics.json", scores, "test")
-    metrics.write_results_page(tmp_path)
-    page = (tmp_path / "index.html").read_text()
-    assert "<th>new_score</th><td>0.125</td>" in page
-    assert "<th>cycle A-&gt;B-&gt;A, L1</th><td>0.25</td>" in page

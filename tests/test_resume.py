@@ -55,7 +55,7 @@ def test_killed_run_leaves_loadable_files_resumes_where_it_stopped_and_nan_keeps
     assert sorted(p.name for p in (run / "samples").iterdir()) == [
         "epoch_0001.png", "epoch_0002.png", "epoch_0003.png"]
     assert len(tu_history(run)) == 3
-    steps = [e.step for e in read_tensorboard(tmp_path / "logs" / "k").Tensors("D_A")]
+    steps = [e.step for e in read_tensorboard(tmp_path / "logs" / "k").Tensors("loss/D_A")]
     assert max(steps) == 12 and min(steps) == 1  # continues, no restart at 0
 
     again = run_cli(*common, "--resume", cwd=tmp_path)
@@ -73,7 +73,9 @@ def test_killed_run_leaves_loadable_files_resumes_where_it_stopped_and_nan_keeps
 
 def tu_history(run):
     import train_utils
-    return train_utils.LossHistory(run / "losses.csv").read()["epoch"]
+    from run_folder import RunFolder
+    history = RunFolder(run.parent, run.parent, run.name).losses_history(train_utils.LOSS_NAMES)
+    return history.read()["epoch"]
 
 
 def test_sigint_saves_a_checkpoint_exits_zero_and_locks_out_a_second_process(tmp_path):
