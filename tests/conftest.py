@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))
 
 
 # Modules that each spend minutes in training subprocesses, slowest first.
-SLOW_MODULES = ("test_resume.py", "test_distribute.py", "test_cli.py")
+SLOW_MODULES = ("test_resume.py", "test_distribute.py", "test_cli.py", "test_notebook.py")
 
 
 def pytest_configure(config):
