@@ -196,22 +196,24 @@ def one_line(error):
     return str(error).splitlines()[0] if str(error) else type(error).__name__
 
 
-def list_images(folder):
-    """Image files in `folder`, sorted, hidden files and other types left out."""
+def list_images(folder, extensions=IMAGE_EXTENSIONS):
+    """Image files (or files of other `extensions`) in `folder`, sorted, hidden files left out."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"missing folder {folder}")
     return sorted(str(p) for p in folder.iterdir()
                   if p.is_file() and not p.name.startswith(".")
-                  and p.suffix.lower() in IMAGE_EXTENSIONS)
+                  and p.suffix.lower() in extensions)
 
 
 class ImageFile(str):
-    """A checked image's path that also carries its EXIF orientation (1 = upright)."""
+    """A checked image's path that also carries its EXIF orientation (1 = upright)
+    and, where known, its upright (height, width)."""
 
-    def __new__(cls, path, orientation=1):
+    def __new__(cls, path, orientation=1, size=None):
         self = super().__new__(cls, path)
         self.orientation = orientation
+        self.size = size
         return self
 
 
@@ -248,7 +250,9 @@ def inspect_image(path):
         raise UnusableImage("unreadable") from error
     if not width or not height:
         raise UnusableImage("unreadable")
-    return ImageFile(path, orientation if orientation in range(1, 9) else 1)
+    orientation = orientation if orientation in range(1, 9) else 1
+    # Orientations 5-8 store the picture turned a quarter: upright, width and height swap.
+    return ImageFile(path, orientation, (width, height) if orientation >= 5 else (height, width))
 
 
 def file_name(path):

@@ -33,9 +33,7 @@ def serving_function(generator, size=(None, None)):
     def serve(images):
         height, width = tf.shape(images)[1], tf.shape(images)[2]
         # Edge padding to a multiple of 4, as `models.translate_any_size`.
-        rows = tf.minimum(tf.range(height + -height % 4), height - 1)
-        cols = tf.minimum(tf.range(width + -width % 4), width - 1)
-        padded = tf.gather(tf.gather(images, rows, axis=1), cols, axis=2)
+        padded = models.edge_pad(images)
         out = generator(tf.cast(padded, tf.float32) / 127.5 - 1.0, training=False)
         out = tf.round((tf.clip_by_value(out[:, :height, :width], -1.0, 1.0) + 1.0) * 127.5)
         return {"images": tf.cast(out, tf.uint8)}

@@ -88,10 +88,23 @@ def build_parser():
     generator.add_argument("--generator", help="a saved generator .h5")
     generator.add_argument("--pretrained", metavar="NAME",
                            help="an official pretrained model, e.g. monet2photo (downloaded once)")
-    translate.add_argument("--input", required=True, help="an image file or a folder of images")
-    translate.add_argument("--output", required=True, help="folder for the translated images")
+    translate.add_argument("--input", required=True,
+                           help="an image or video file, or a folder of them")
+    translate.add_argument("--output", required=True,
+                           help="folder for the translations (for one clip also a video file)")
     translate.add_argument("--overwrite", action="store_true",
-                           help="replace translated images already in --output")
+                           help="replace translations already in --output")
+    translate.add_argument("--precision", default="auto", choices=config.CHOICES["precision"],
+                           help="compute dtype; auto: bfloat16 where the hardware has it "
+                                "natively, else float32 (as in training)")
+    translate.add_argument("--max-size", type=int, default=0, metavar="N",
+                           help="scale images whose longer side exceeds N down to N first "
+                                "(the official --load_size); 0: translate at full size")
+    translate.add_argument("--keep-size", action="store_true",
+                           help="with --max-size: scale the translations back to the input's size")
+    translate.add_argument("--tile", type=int, default=0, metavar="N",
+                           help="translate images larger than N x N pixels in overlapping tiles, "
+                                "in bounded memory, with the same result; 0: whole")
     add_evaluate_flags(commands.add_parser("evaluate", help="score a trained run on the test split"))
     summary = commands.add_parser("summary", help="print the models' sizes and outputs")
     summary.add_argument("--preset", default="book", choices=tuple(config.PRESETS))
@@ -161,50 +174,6 @@ def config_from_args(args):
     if data == "demo":
         given = {**config.DEMO_DEFAULTS, **given}
     return config.make_config(preset, **given)
-
-
-# --- translate -------------------------------------------------------------
-
-def translate(generator_path, input_path, output_dir, overwrite=False):
-    """Translate an image or a folder of them into output_dir, never over an original."""
-    import data
-    import models
-    generator = models.load_generator(generator_path)
-    files = [str(input_path)] if Path(input_path).is_file() else data.list_images(input_path)
-    if not files:
-        raise CliError(f"no images found in {input_path}")
-    output = Path(output_dir)
-    if output.exists() and not output.is_dir():
-        raise CliError(f"--output {output} is a file; give a folder for the translated images")
-    if output.resolve() in {Path(f).resolve().parent for f in files}:
-        raise CliError(f"--output {output} holds the input images, which translating would "
-                       "overwrite; give another folder")
-    targets = [output / Path(f).name for f in files]
-    existing = [t for t in targets if t.exists()]
-    if existing and not overwrite:
-        raise CliError(f"{len(existing)} output file(s) already exist in {output} (e.g. "
-                       f"{data.file_name(existing[0])}); pass --overwrite to replace them")
-    output.mkdir(parents=True, exist_ok=True)
-    skipped = []
-    for path, target in zip(files, targets):
-        try:
-            image = data.read_image(path)
-        except data.UnusableImage as why:
-            skipped.append(f"{data.file_name(path)} ({why})")
-            continue
-        data.write_image(target, models.translate_any_size(generator, image))
-    if skipped:
-        warnings.warn(f"skipped {len(skipped)} image(s) of {input_path}: " + ", ".join(skipped),
-                      data.SkippedImagesWarning)
-    print(f"Translated {len(files) - len(skipped)} image(s) into {output_dir}")
-
-
-def generator_path(args):
-    """--generator as given, or the cached conversion of an official --pretrained model."""
-    if args.pretrained:
-        import pretrained
-        return pretrained.pretrained_generator(args.pretrained)
-    return args.generator
 
 
 # --- convert and export ----------------------------------------------------
@@ -325,7 +294,8 @@ def main(argv=None):
         args = parse_args(sys.argv[1:] if argv is None else argv)
         import_tensorflow_quietly()
         if args.command == "translate":
-            translate(generator_path(args), args.input, args.output, args.overwrite)
+            import translate
+            translate.command(args)
         elif args.command == "convert":
             convert(args)
         elif args.command == "export":
