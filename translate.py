@@ -56,11 +56,12 @@ def translate(generator_path, input_path, output, overwrite=False, precision="au
         raise UserError("--keep-size goes with --max-size")
     if tile != 0 and (tile < 16 or tile % 4):
         raise UserError(f"--tile must be a multiple of 4 from 16 (or 0: no tiles), got {tile}")
+    generator = models.load_generator(generator_path)
     images, clips, targets = plan_outputs(input_path, output, overwrite)
     if clips:
         require_av()
     precision, why = machine.choose_precision(precision)
-    translator = Translator(models.load_generator(generator_path), precision, tile)
+    translator = Translator(generator, precision, tile)
     print(f"Precision: {precision} ({why})")
     for folder in {target.parent for target in targets}:
         folder.mkdir(parents=True, exist_ok=True)
@@ -254,12 +255,14 @@ def translate_images(translator, files, targets, max_size, keep_size):
     """(images translated, ['name (why)' of those skipped])."""
     if not files:
         return 0, []
-    images, skipped = [], []
-    for path in files:
+    images, skipped, usable_targets = [], [], []
+    for path, target in zip(files, targets):
         try:
             images.append(data.inspect_image(path))
+            usable_targets.append(target)
         except data.UnusableImage as why:
             skipped.append(f"{data.file_name(path)} ({why})")
+    targets = usable_targets
     batches = image_batches(images, max_size, keep_size, translator.tile)
     progress = Progress(len(images), "image")
     written = set()
