@@ -91,8 +91,9 @@ def plan_outputs(input_path, output, overwrite):
         files = [str(source)]
     else:
         files = data.list_images(source, data.IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
-    clips = [f for f in files if Path(f).suffix.lower() in VIDEO_EXTENSIONS]
-    images = [f for f in files if f not in clips]
+    is_clip = lambda f: Path(f).suffix.lower() in VIDEO_EXTENSIONS
+    clips = [f for f in files if is_clip(f)]
+    images = [f for f in files if not is_clip(f)]
     if not files:
         raise UserError(f"no images or clips found in {input_path}")
     output = Path(output)
