@@ -191,22 +191,24 @@ def download_timeout():
         socket.setdefaulttimeout(previous)
 
 
-def list_images(folder):
-    """Image files in `folder`, sorted, hidden files and other types left out."""
+def list_images(folder, extensions=IMAGE_EXTENSIONS):
+    """Image files (or files of other `extensions`) in `folder`, sorted, hidden files left out."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"missing folder {folder}")
     return sorted(str(p) for p in folder.iterdir()
                   if p.is_file() and not p.name.startswith(".")
-                  and p.suffix.lower() in IMAGE_EXTENSIONS)
+                  and p.suffix.lower() in extensions)
 
 
 class ImageFile(str):
-    """A checked image's path that also carries its EXIF orientation (1 = upright)."""
+    """A checked image's path that also carries its EXIF orientation (1 = upright)
+    and, where known, its upright (height, width)."""
 
-    def __new__(cls, path, orientation=1):
+    def __new__(cls, path, orientation=1, size=None):
         self = super().__new__(cls, path)
         self.orientation = orientation
+        self.size = size
         return self
 
 
@@ -243,7 +245,9 @@ def inspect_image(path):
         raise UnusableImage("unreadable") from error
     if not width or not height:
         raise UnusableImage("unreadable")
-    return ImageFile(path, orientation if orientation in range(1, 9) else 1)
+    orientation = orientation if orientation in range(1, 9) else 1
+    # Orientations 5-8 store the picture turned a quarter: upright, width and height swap.
+    return ImageFile(path, orientation, (width, height) if orientation >= 5 else (height, width))
 
 
 def file_name(path):
@@ -539,13 +543,18 @@ def to_unit(images):
     return np.clip((np.asarray(images) + 1.0) / 2.0, 0.0, 1.0)
 
 
-def to_uint8(image):
-    """[-1, 1] network pixels as uint8 levels."""
-    return np.round((np.clip(image, -1, 1) + 1) * 127.5).astype(np.uint8)
+def to_network(levels):
+    """0-255 levels (uint8 or float, NumPy or TensorFlow) as float32 network pixels in [-1, 1]."""
+    return tf.cast(levels, tf.float32) / 127.5 - 1.0
+
+
+def to_uint8(images):
+    """[-1, 1] network pixels as uint8 levels (a tensor; np.asarray it for NumPy)."""
+    return tf.cast(tf.round((tf.clip_by_value(images, -1.0, 1.0) + 1.0) * 127.5), tf.uint8)
 
 
 def write_image(path, image):
     """Write a [-1, 1] image; the file name's extension picks the format."""
     image_format = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
     with atomic_write(path) as tmp:
-        Image.fromarray(to_uint8(image)).save(tmp, format=image_format)
+        Image.fromarray(np.asarray(to_uint8(image))).save(tmp, format=image_format)

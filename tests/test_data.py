@@ -240,7 +240,7 @@ def test_exif_orientation_turns_the_image_upright_as_pil_does(tmp_path, orientat
     assert expected.shape == ((10, 6, 3) if orientation >= 5 else (6, 10, 3))
     (file,) = data.usable_images([str(path)], tmp_path)
     assert file.orientation == orientation
-    got = np.round((data.read_image(path) + 1) * 127.5).astype(np.uint8)
+    got = np.asarray(data.to_uint8(data.read_image(path)))
     np.testing.assert_array_equal(got, expected)
     loaded = data.load_image(str(path), 32).numpy()  # samples, evaluation: upright too
     np.testing.assert_allclose(loaded, data.load_image(file, 32).numpy(), atol=1e-6)
