@@ -194,7 +194,7 @@ def run_epochs(run, step):
             sums = defaultdict(float)
             first = step % steps
             for i in range(first, steps):
-                real_a, real_b = next(run.batches)
+                real_a, real_b = data.next_batch(run.batches)
                 losses = tu.train_step(run.gan, real_a, real_b, run.pools, cfg)
                 tu.check_finite(losses, step + 1)
                 step += 1

@@ -66,6 +66,26 @@ def tiny_data(folder):
         write_images(folder / sub, count, size=40, seed=i)
 
 
+def within(seconds, function, *args):
+    """function(*args), run in a thread: a call that does not return in `seconds` (a hang)
+    fails the test instead of holding it forever."""
+    import threading
+    outcome = {}
+
+    def call():
+        try:
+            outcome["value"] = function(*args)
+        except BaseException as error:  # handed to the test below
+            outcome["error"] = error
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{function.__name__} did not return within {seconds} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
 # --- Running the command line -----------------------------------------------
 
 ENV = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
@@ -137,3 +157,4 @@ def serve_folder(folder):
     finally:
         server.shutdown()
         server.server_close()
+
