@@ -4,13 +4,14 @@ A dataset is a folder in the layout of the official CycleGAN zips:
 trainA/, trainB/, testA/, testB/ (and, where the truth is known,
 testA_truth/ with G_AB's ideal output under the same file names).
 """
-import contextlib
 import hashlib
 import os
 import re
 import shutil
-import socket
 import stat
+import string
+import time
+import urllib.request
 import warnings
 import zipfile
 from pathlib import Path, PurePosixPath
@@ -34,8 +35,18 @@ DATASET_URLS = (
 )
 # Space-separated URL templates ({name}) used instead, e.g. a mirror or a test server.
 DATASET_URL_VARIABLE = "CYCLEGAN_DATASET_URL"
+# Each official archive's size in MiB, as its host lists it; a download may be half as large again.
+DATASET_MIB = {
+    "apple2orange": 75, "summer2winter_yosemite": 127, "horse2zebra": 112, "monet2photo": 292,
+    "cezanne2photo": 267, "ukiyoe2photo": 280, "vangogh2photo": 293, "maps": 1409,
+    "cityscapes": 267, "facades": 34, "iphone2dslr_flower": 325, "ae_photos": 10,
+}
+SIZE_MARGIN = 1.5
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
-DOWNLOAD_TIMEOUT_S = 15
+DOWNLOAD_TIMEOUT_S = 15       # to connect, and for each read
+# A download that brings less than MIN_RATE bytes a second over RATE_WINDOW_S is given up.
+MIN_RATE = 10_000
+RATE_WINDOW_S = 60
 # Photos barely compress, so an archive that would grow 20-fold is not a dataset.
 MAX_EXPANSION = 20
 MAX_UNPACKED_BYTES = 16 * 2 ** 30
@@ -70,7 +81,18 @@ def resolve_dataset(data, datasets_dir="datasets"):
 
 def dataset_urls(name):
     templates = os.environ.get(DATASET_URL_VARIABLE, "").split() or DATASET_URLS
-    return [template.format(name=name) for template in templates]
+    return [url_from_template(template, name, DATASET_URL_VARIABLE) for template in templates]
+
+
+def url_from_template(template, name, variable):
+    """`template` with {name} filled in; one that holds any other {field} is a UserError."""
+    try:
+        fields = {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+    except ValueError:  # an unmatched brace
+        fields = None
+    if fields != {"name"}:
+        raise UserError(f"{variable} must hold {{name}} and no other {{...}} field, got {template!r}")
+    return template.format(name=name)
 
 
 def download_official(name, datasets_dir):
@@ -100,7 +122,8 @@ def fetch_and_unpack(name, root):
             archive.unlink()
     if not archive.exists():
         try:
-            download(urls, archive, check=lambda path: check_archive(path, name))
+            download(urls, archive, int(DATASET_MIB[name] * SIZE_MARGIN * 2 ** 20),
+                     check=lambda path: check_archive(path, name))
         except DataError as error:
             raise DataError(f"could not download {name}.zip ({error}); fetch it by hand from "
                             f"{' or '.join(urls)} and unzip it so that {root / name}/trainA "
@@ -110,14 +133,13 @@ def fetch_and_unpack(name, root):
     return root / name
 
 
-def download(urls, target, check=None):
+def download(urls, target, max_bytes, check=None):
     """Fetch the first of `urls` that gives a good file into `target`, whole or not at all.
 
     Each try writes to a hidden sibling and is renamed into place only after
     `check(path)` (which raises DataError for a bad file) passes; raises
     DataError naming every URL tried and why it failed.
     """
-    import keras
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(target.parent, os.W_OK):
@@ -126,18 +148,45 @@ def download(urls, target, check=None):
     reasons = []
     for url in urls:
         try:
-            with download_timeout():
-                fetched = keras.utils.get_file(part.name, url, cache_dir=str(target.parent),
-                                               cache_subdir=".", force_download=True)
+            fetch(url, part, max_bytes)
             if check:
-                check(Path(fetched))
-            os.replace(fetched, target)
+                check(part)
+            os.replace(part, target)
             return target
         except Exception as error:  # every failure of one URL is a reason to try the next
             reasons.append(f"{url}: {one_line(error)}")
         finally:
             part.unlink(missing_ok=True)
     raise DataError("; ".join(reasons))
+
+
+def fetch(url, path, max_bytes):
+    """Stream `url` into the file `path`, at most `max_bytes`, at least MIN_RATE; raises on failure.
+
+    Our own loop rather than keras.utils.get_file, which has neither bound:
+    its socket timeout applies to each read, a server that trickles a byte
+    at a time never trips it, and an endless body fills the disk. read1
+    returns what each read brings, so the rate is checked as bytes come.
+    """
+    import keras
+    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, \
+            open(path, "wb") as out:
+        announced = int(response.headers.get("Content-Length") or 0)
+        if announced > max_bytes:
+            raise DataError(f"it announces {announced} bytes, more than the {max_bytes} expected")
+        progress = keras.utils.Progbar(announced / 2 ** 20 or None, unit_name="MiB")
+        done, window_start, window_done = 0, time.monotonic(), 0
+        while chunk := response.read1(2 ** 16):
+            done += len(chunk)
+            if done > max_bytes:
+                raise DataError(f"it sends more than the {max_bytes} bytes expected")
+            out.write(chunk)
+            progress.update(done / 2 ** 20)
+            now = time.monotonic()
+            if now - window_start >= RATE_WINDOW_S:
+                if done - window_done < MIN_RATE * (now - window_start):
+                    raise DataError(f"it sends less than {MIN_RATE} bytes a second")
+                window_start, window_done = now, done
 
 
 def check_archive(path, name):
@@ -182,17 +231,6 @@ def unpack_archive(archive, root, name):
         raise DataError(f"could not unpack {archive} into {root} ({one_line(error)})") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def download_timeout():
-    """Bound every socket operation: keras.utils.get_file itself never times out."""
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(previous)
 
 
 def one_line(error):

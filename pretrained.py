@@ -25,6 +25,8 @@ from fileio import new_output
 DEFAULT_URL = "http://efrosgans.eecs.berkeley.edu/cyclegan/pretrained_models/{name}.pth"
 URL_VARIABLE = "CYCLEGAN_PRETRAINED_URL"
 PRETRAINED_DIR = "pretrained"
+# An official generator's .pth is 45 MB (ngf 64, 9 blocks); a download may be at most this.
+MAX_PTH_BYTES = 128 * 2 ** 20
 # The names the official download script lists.
 OFFICIAL_NAMES = (
     "apple2orange", "orange2apple", "summer2winter_yosemite", "winter2summer_yosemite",
@@ -292,10 +294,8 @@ def convert(pth_path, output_path, image_size=256):
 
 
 def pretrained_url(name):
-    template = os.environ.get(URL_VARIABLE) or DEFAULT_URL
-    if "{name}" not in template:
-        raise UserError(f"{URL_VARIABLE} must contain {{name}}, got {template!r}")
-    return template.format(name=name)
+    import data
+    return data.url_from_template(os.environ.get(URL_VARIABLE) or DEFAULT_URL, name, URL_VARIABLE)
 
 
 def convert_pretrained(name, output_path):
@@ -306,7 +306,7 @@ def convert_pretrained(name, output_path):
                         + ", ".join(OFFICIAL_NAMES))
     new_output(output_path, (".h5", ".keras"))
     with tempfile.TemporaryDirectory() as folder:
-        pth = data.download([pretrained_url(name)], Path(folder) / f"{name}.pth")
+        pth = data.download([pretrained_url(name)], Path(folder) / f"{name}.pth", MAX_PTH_BYTES)
         return convert(pth, output_path)
 
 

@@ -158,3 +158,40 @@ def serve_folder(folder):
         server.shutdown()
         server.server_close()
 
+
+@contextlib.contextmanager
+def serve_endless(pause=0.0, announce=None):
+    """An HTTP server on 127.0.0.1 whose answers never end: a byte every `pause` seconds (a
+    trickle) or zeros as fast as they go; `announce` is the Content-Length it claims.
+    Yields its base address and the paths requested."""
+    import http.server
+    import threading
+    import time
+    requests, stop = [], threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            self.send_response(200)
+            if announce:
+                self.send_header("Content-Length", str(announce))
+            self.end_headers()
+            try:
+                while not stop.is_set():
+                    self.wfile.write(b"\0" if pause else bytes(2 ** 16))
+                    self.wfile.flush()
+                    time.sleep(pause)
+            except OSError:  # the client gave up
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", requests
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()

@@ -163,12 +163,10 @@ def test_unreadable_images_are_skipped_with_a_named_warning(tiny_dataset):
 
 
 def test_official_dataset_offline_fails_fast_with_where_to_put_it(tmp_path, monkeypatch):
-    import keras
-
     def offline(*args, **kwargs):
         raise OSError("Temporary failure in name resolution")
 
-    monkeypatch.setattr(keras.utils, "get_file", offline)
+    monkeypatch.setattr(data, "fetch", offline)
     with pytest.raises(data.DataError) as error:
         data.resolve_dataset("monet2photo", datasets_dir=str(tmp_path))
     message = str(error.value)
@@ -177,8 +175,7 @@ def test_official_dataset_offline_fails_fast_with_where_to_put_it(tmp_path, monk
 
 
 def test_existing_official_dataset_folder_is_used_without_download(tmp_path, monkeypatch):
-    import keras
-    monkeypatch.setattr(keras.utils, "get_file", lambda *a, **k: pytest.fail("downloaded"))
+    monkeypatch.setattr(data, "fetch", lambda *a, **k: pytest.fail("downloaded"))
     write_images(tmp_path / "horse2zebra" / "trainA", 1)
     assert data.resolve_dataset("horse2zebra", datasets_dir=str(tmp_path)) == tmp_path / "horse2zebra"
 

@@ -176,5 +176,7 @@ def test_unknown_pretrained_model_names_the_address_tried(tmp_path, monkeypatch,
     err = one_line_error(["translate", "--pretrained", "../etc", "--input", ".", "--output", "out"],
                          capsys)
     assert "monet2photo" in err
-    monkeypatch.setenv(pretrained.URL_VARIABLE, "http://127.0.0.1:1/model.pth")
-    assert "{name}" in one_line_error(["convert", "--pretrained", "x", "--output", "x.h5"], capsys)
+    for template in ("http://127.0.0.1:1/model.pth", "http://127.0.0.1:1/{model}.pth"):
+        monkeypatch.setenv(pretrained.URL_VARIABLE, template)
+        err = one_line_error(["convert", "--pretrained", "x", "--output", "x.h5"], capsys)
+        assert "{name}" in err and template in err
