@@ -23,6 +23,8 @@ from config import UserError
 from fileio import atomic_write
 
 SAMPLE_COUNT = 3
+# A checkpoint holds the input position, which waits for the images being read.
+SAVING = "the checkpoint to be written"
 
 
 def saved_config(given):
@@ -115,7 +117,8 @@ def train(cfg, resume=False, overwrite=False):
     files_b = data.domain_files(root, "train", "B", cfg.limit)
     paths = run_paths(cfg)
     chief = strategy.extended.should_checkpoint  # only the chief holds the run folder
-    with open_run_folder(cfg, paths, resume, overwrite) if chief else contextlib.nullcontext():
+    with open_run_folder(cfg, paths, resume, overwrite) if chief else contextlib.nullcontext(), \
+            machine.lost_workers_as_user_error():
         run_training(cfg, strategy, root, files_a, files_b, paths, resume)
 
 
@@ -194,8 +197,10 @@ def run_epochs(run, step):
             sums = defaultdict(float)
             first = step % steps
             for i in range(first, steps):
-                real_a, real_b = data.next_batch(run.batches)
-                losses = tu.train_step(run.gan, real_a, real_b, run.pools, cfg)
+                with stop.waiting("the next batch of training images"):
+                    real_a, real_b = data.next_batch(run.batches)
+                with stop.waiting_for_workers(run.strategy):
+                    losses = tu.train_step(run.gan, real_a, real_b, run.pools, cfg)
                 tu.check_finite(losses, step + 1)
                 step += 1
                 for key, value in losses.items():
@@ -203,17 +208,20 @@ def run_epochs(run, step):
                 if step % cfg.log_every == 0:
                     run.logger.scalars({**losses, "learning_rate": lr}, step)
                 bar.update(i + 1, [(k, losses[k]) for k in tu.PROGRESS_NAMES])
-                stopping = tu.agreed_stop(run.strategy, stop.requested)
+                with stop.waiting_for_workers(run.strategy):
+                    stopping = tu.agreed_stop(run.strategy, stop.requested)
                 mid_epoch = i + 1 < steps  # at its end, the epoch's outputs come first
                 if run.chief and mid_epoch and (step % checkpoint_every == 0 or stopping):
-                    run.checkpoint.save(step)
+                    with stop.waiting(SAVING):
+                        run.checkpoint.save(step)
                 if mid_epoch and stopping:
                     return stopped(stopping, run, step)
             if run.chief:
                 write_epoch_outputs(run, epoch, step,
                                     {k: v / (steps - first) for k, v in sums.items()})
                 if step % checkpoint_every == 0 or stopping:
-                    run.checkpoint.save(step)  # after the epoch's outputs: a resume never skips them
+                    with stop.waiting(SAVING):  # after the epoch's outputs: a resume never skips them
+                        run.checkpoint.save(step)
                 run.logger.flush()
             if stopping and epoch < cfg.total_epochs:
                 return stopped(stopping, run, step)

@@ -9,7 +9,7 @@ import keras
 import models
 import train_utils as tu
 from config import make_config
-from conftest import read_tensorboard
+from conftest import ENV, ROOT, read_tensorboard
 
 
 def test_image_pool_off_returns_the_new_fakes():
@@ -294,3 +294,39 @@ def test_saved_discriminators_reload_compiled_in_float32_and_train(tmp_path, pre
     d = keras.models.load_model(tmp_path / tu.MODEL_FILES["d_a"])
     assert d.compiled and d.compute_dtype == "float32"
     assert isinstance(d.loss, keras.losses.MeanSquaredError)
+
+
+BLOCKED = f"""
+import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+import tensorflow as tf
+import train_utils as tu
+os.mkfifo("fifo")  # nothing ever writes to it: reading it blocks inside TensorFlow
+batches = iter(tf.data.Dataset.from_tensors("fifo").map(tf.io.read_file))
+with tu.StopOnSignal() as stop, stop.waiting("a file that never comes"):
+    print("waiting", flush=True)
+    next(batches)
+"""
+
+
+@pytest.mark.parametrize("signals, timeout, code, words", [
+    (["SIGTERM"], None, 143, "SIGTERM: still waiting for a file that never comes; stopped"),
+    (["SIGINT", "SIGINT"], None, 130, "SIGINT again: stopped at once"),
+    ([], "2", 2, "error: waited 2 s for a file that never comes (CYCLEGAN_TIMEOUT sets how long)"),
+])
+def test_a_wait_blocked_inside_tensorflow_still_ends_on_a_signal_or_its_deadline(
+        tmp_path, signals, timeout, code, words):
+    """A Python signal handler cannot run while the main thread blocks in TensorFlow."""
+    import signal
+    import time
+    env = {**ENV, "CYCLEGAN_TIMEOUT": timeout} if timeout else ENV
+    process = subprocess.Popen([sys.executable, "-c", BLOCKED], cwd=tmp_path, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout.readline() == "waiting\n", process.communicate()
+    for name in signals:
+        time.sleep(0.5)
+        process.send_signal(getattr(signal, name))
+    _, err = process.communicate(timeout=tu.StopOnSignal.GRACE_S + 30)
+    last = err.strip().splitlines()[-1]  # after TensorFlow's own start-up notes
+    assert process.returncode == code, err
+    assert last.startswith(words) and "without a new checkpoint; the last one is kept" in last, err
