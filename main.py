@@ -168,6 +168,9 @@ def main(argv=None):
     except config.UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop, which handles its own
+        print("\nstopped (Ctrl-C)", file=sys.stderr)
+        return 130
     return 0
 
 
