@@ -9,6 +9,7 @@ the same way; their sound is not carried over.
 """
 import collections
 import concurrent.futures
+import contextlib
 import os
 import time
 import warnings
@@ -31,6 +32,10 @@ VIDEO_CODECS = {".mp4": "libx264", ".mov": "libx264", ".mkv": "libx264", ".avi":
 # Pixels translated in one call: a batch of images of one size, or of video frames.
 BATCH_PIXELS = 4 * 256 * 256
 WRITERS = 2
+# Copies of the generator's widest activation an untiled pass holds at once, about
+# (docs/benchmarks.md#photos-larger-than-memory). On a CPU, running out of memory aborts
+# the process instead of raising an error, so an image that would is refused beforehand.
+LIVE_ACTIVATIONS = 4
 
 
 def command(args):
@@ -124,6 +129,23 @@ def scaled_size(size, max_size, even=False):
     return (max(2, height - height % 2), max(2, width - width % 2)) if even else (height, width)
 
 
+def available_memory(meminfo="/proc/meminfo"):
+    """Bytes the kernel can still hand out without swapping; None where unknown."""
+    with contextlib.suppress(OSError, ValueError, IndexError), open(meminfo) as lines:
+        for line in lines:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def bytes_per_pixel(generator, probe=64):
+    """Memory an untiled pass needs per input pixel: LIVE_ACTIVATIONS of its widest activation."""
+    every_layer = keras.Model(generator.input, [layer.output for layer in generator.layers[1:]])
+    specs = every_layer.compute_output_spec(keras.KerasTensor((1, probe, probe, 3)))
+    return LIVE_ACTIVATIONS * max(np.prod(spec.shape[1:]) * tf.as_dtype(spec.dtype).size
+                                  for spec in specs) / probe ** 2
+
+
 def out_of_memory(name, size):
     return UserError(f"out of memory translating {name} ({size[1]}x{size[0]}); translate it "
                      "smaller with --max-size 1024, or at full size in tiles with --tile 512")
@@ -142,6 +164,8 @@ class Translator:
             self.tiled = tiling.TiledGenerator(self.generator, tile)
         self.compiled = tf.function(self.translate_batch, input_signature=[
             tf.TensorSpec((None, None, None, 3), tf.uint8)])
+        self.bytes_per_pixel = None if tf.config.list_logical_devices("GPU") \
+            else bytes_per_pixel(self.generator)
 
     def translate_batch(self, images):
         """uint8 NHWC images -> float32 [-1, 1] translations of the same size."""
@@ -155,6 +179,9 @@ class Translator:
             out = tf.stack([self.tiled(data.to_network(image))
                             for image in images])
         else:
+            if self.bytes_per_pixel and (self.bytes_per_pixel * np.prod(images.shape[:3])
+                                         > (available_memory() or float("inf"))):
+                raise MemoryError
             out = self.compiled(images)
         if size is not None and tuple(size) != tuple(out.shape[1:3]):
             out = tf.image.resize(out, size)

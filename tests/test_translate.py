@@ -81,7 +81,8 @@ def test_a_folder_comes_out_as_the_per_image_path_wrote_it(generators, tmp_path,
         expected = per_image(generators[preset], path, tmp_path / f"reference{path.suffix}")
         assert got.shape == expected.shape
         difference = np.abs(got - expected)
-        assert difference.max() <= 1 if path.suffix == ".png" else difference.mean() < 0.1
+        # JPEG's encoder turns a one-level difference into a few levels around it.
+        assert difference.max() <= 1 if path.suffix == ".png" else difference.mean() < 0.5
     assert levels(tmp_path / "out" / "turned.jpg").shape == (64, 48, 3)
     assert not list((tmp_path / "out").glob(".*"))  # no temporary files left
 
@@ -160,6 +161,25 @@ def test_out_of_memory_is_one_line_naming_max_size_and_tile(generators, tmp_path
                           tmp_path / "in", "--output", tmp_path / "out"], capsys)
     assert "out of memory translating photo_0.png (60x40)" in err
     assert "--max-size" in err and "--tile" in err
+
+
+def test_a_photo_larger_than_free_memory_is_refused_whole_and_translates_in_tiles(
+        generators, tmp_path, capsys, monkeypatch):
+    """On a CPU, running out of memory aborts the process: the estimate refuses it first."""
+    photos(tmp_path / "in", [(40, 60)])
+    monkeypatch.setattr(translate, "available_memory", lambda: 100_000)
+    args = ["translate", "--generator", generators["book"], "--input", tmp_path / "in"]
+    err = one_line_error(args + ["--output", tmp_path / "whole"], capsys)
+    assert "out of memory translating photo_0.png (60x40)" in err and "--tile" in err
+    assert main.main([str(a) for a in args + ["--output", tmp_path / "tiled", "--tile", "16"]]) == 0
+    assert Image.open(tmp_path / "tiled" / "photo_0.png").size == (60, 40)
+
+
+def test_the_memory_estimate_covers_the_widest_activation(generators):
+    generator = models.load_generator(generators["paper"])  # 8 channels at full size, padded by 3
+    assert translate.bytes_per_pixel(generator) == pytest.approx(
+        translate.LIVE_ACTIVATIONS * 8 * 4 * (70 / 64) ** 2)
+    assert translate.available_memory() is None or translate.available_memory() > 0
 
 
 @pytest.mark.parametrize("flags, words", [
