@@ -29,7 +29,8 @@ def setting(default, help, shown=None):
 class Config:
     # Run bookkeeping.
     name: str = setting("cyclegan", "run name: RESULTS_DIR/NAME, LOG_DIR/NAME", shown="dataset name")
-    data: str = setting("demo", "demo, photos, an official dataset or a folder with trainA/, trainB/")
+    data: str = setting("demo", "demo, photos, painterly, an official dataset or a folder with "
+                                 "trainA/, trainB/")
     preset: str = setting("book", "book (the chapter), paper (Zhu et al.) or fast (the study's best)")
     results_dir: str = setting("results", "where run folders go")
     log_dir: str = setting("logs", "where TensorBoard logs go")
