@@ -3,8 +3,9 @@
 Each variant is the book preset with one setting changed (or a whole
 preset), trained for the same number of steps with the same seed on a
 dataset with a paired truth, then scored as `evaluate` scores a run:
-the PSNR gain of G_AB(A) over A itself against the truth, cycle L1,
-and seconds per training step.
+the PSNR gain of G_AB(A) over A itself against the truth, its PSNR
+over the best global colour map fitted to that truth, cycle L1, and
+seconds per training step.
 """
 import time
 
