@@ -4,18 +4,21 @@ A dataset is a folder in the layout of the official CycleGAN zips:
 trainA/, trainB/, testA/, testB/ (and, where the truth is known,
 testA_truth/ with G_AB's ideal output under the same file names).
 """
-import contextlib
+import hashlib
 import os
+import re
 import shutil
-import socket
 import stat
+import string
+import time
+import urllib.request
 import warnings
 import zipfile
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 import tensorflow as tf
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from config import UserError, one_line
 from fileio import atomic_write, remove, waiting_lock
@@ -32,14 +35,26 @@ DATASET_URLS = (
 )
 # Space-separated URL templates ({name}) used instead, e.g. a mirror or a test server.
 DATASET_URL_VARIABLE = "CYCLEGAN_DATASET_URL"
+# Each official archive's size in MiB, as its host lists it; a download may be half as large again.
+DATASET_MIB = {
+    "apple2orange": 75, "summer2winter_yosemite": 127, "horse2zebra": 112, "monet2photo": 292,
+    "cezanne2photo": 267, "ukiyoe2photo": 280, "vangogh2photo": 293, "maps": 1409,
+    "cityscapes": 267, "facades": 34, "iphone2dslr_flower": 325, "ae_photos": 10,
+}
+SIZE_MARGIN = 1.5
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
-DOWNLOAD_TIMEOUT_S = 15
+DOWNLOAD_TIMEOUT_S = 15       # to connect, and for each read
+# A download that brings less than MIN_RATE bytes a second over RATE_WINDOW_S is given up.
+MIN_RATE = 10_000
+RATE_WINDOW_S = 60
 # Photos barely compress, so an archive that would grow 20-fold is not a dataset.
 MAX_EXPANSION = 20
 MAX_UNPACKED_BYTES = 16 * 2 ** 30
 # PIL's own decompression-bomb bound (about 89 megapixels): a larger image is skipped.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 EXIF_ORIENTATION = 0x0112     # the EXIF tag a camera sets when held sideways or upside down
+# Copies of images only Pillow decodes (decoded_copy), beside the downloaded datasets.
+DECODED_DIR = os.path.join("datasets", ".decoded")
 
 
 class DataError(UserError):
@@ -66,7 +81,18 @@ def resolve_dataset(data, datasets_dir="datasets"):
 
 def dataset_urls(name):
     templates = os.environ.get(DATASET_URL_VARIABLE, "").split() or DATASET_URLS
-    return [template.format(name=name) for template in templates]
+    return [url_from_template(template, name, DATASET_URL_VARIABLE) for template in templates]
+
+
+def url_from_template(template, name, variable):
+    """`template` with {name} filled in; one that holds any other {field} is a UserError."""
+    try:
+        fields = {field for _, field, _, _ in string.Formatter().parse(template) if field is not None}
+    except ValueError:  # an unmatched brace
+        fields = None
+    if fields != {"name"}:
+        raise UserError(f"{variable} must hold {{name}} and no other {{...}} field, got {template!r}")
+    return template.format(name=name)
 
 
 def download_official(name, datasets_dir):
@@ -96,7 +122,8 @@ def fetch_and_unpack(name, root):
             archive.unlink()
     if not archive.exists():
         try:
-            download(urls, archive, check=lambda path: check_archive(path, name))
+            download(urls, archive, int(DATASET_MIB[name] * SIZE_MARGIN * 2 ** 20),
+                     check=lambda path: check_archive(path, name))
         except DataError as error:
             raise DataError(f"could not download {name}.zip ({error}); fetch it by hand from "
                             f"{' or '.join(urls)} and unzip it so that {root / name}/trainA "
@@ -106,14 +133,13 @@ def fetch_and_unpack(name, root):
     return root / name
 
 
-def download(urls, target, check=None):
+def download(urls, target, max_bytes, check=None):
     """Fetch the first of `urls` that gives a good file into `target`, whole or not at all.
 
     Each try writes to a hidden sibling and is renamed into place only after
     `check(path)` (which raises DataError for a bad file) passes; raises
     DataError naming every URL tried and why it failed.
     """
-    import keras
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     if not os.access(target.parent, os.W_OK):
@@ -122,18 +148,45 @@ def download(urls, target, check=None):
     reasons = []
     for url in urls:
         try:
-            with download_timeout():
-                fetched = keras.utils.get_file(part.name, url, cache_dir=str(target.parent),
-                                               cache_subdir=".", force_download=True)
+            fetch(url, part, max_bytes)
             if check:
-                check(Path(fetched))
-            os.replace(fetched, target)
+                check(part)
+            os.replace(part, target)
             return target
         except Exception as error:  # every failure of one URL is a reason to try the next
             reasons.append(f"{url}: {one_line(error)}")
         finally:
             part.unlink(missing_ok=True)
     raise DataError("; ".join(reasons))
+
+
+def fetch(url, path, max_bytes):
+    """Stream `url` into the file `path`, at most `max_bytes`, at least MIN_RATE; raises on failure.
+
+    Our own loop rather than keras.utils.get_file, which has neither bound:
+    its socket timeout applies to each read, a server that trickles a byte
+    at a time never trips it, and an endless body fills the disk. read1
+    returns what each read brings, so the rate is checked as bytes come.
+    """
+    import keras
+    with urllib.request.urlopen(url, timeout=DOWNLOAD_TIMEOUT_S) as response, \
+            open(path, "wb") as out:
+        announced = int(response.headers.get("Content-Length") or 0)
+        if announced > max_bytes:
+            raise DataError(f"it announces {announced} bytes, more than the {max_bytes} expected")
+        progress = keras.utils.Progbar(announced / 2 ** 20 or None, unit_name="MiB")
+        done, window_start, window_done = 0, time.monotonic(), 0
+        while chunk := response.read1(2 ** 16):
+            done += len(chunk)
+            if done > max_bytes:
+                raise DataError(f"it sends more than the {max_bytes} bytes expected")
+            out.write(chunk)
+            progress.update(done / 2 ** 20)
+            now = time.monotonic()
+            if now - window_start >= RATE_WINDOW_S:
+                if done - window_done < MIN_RATE * (now - window_start):
+                    raise DataError(f"it sends less than {MIN_RATE} bytes a second")
+                window_start, window_done = now, done
 
 
 def check_archive(path, name):
@@ -180,33 +233,32 @@ def unpack_archive(archive, root, name):
         shutil.rmtree(staging, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def download_timeout():
-    """Bound every socket operation: keras.utils.get_file itself never times out."""
-    previous = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
-    try:
-        yield
-    finally:
-        socket.setdefaulttimeout(previous)
+def op_error_text(error):
+    """A TensorFlow error's own words, without the function, node and op it names."""
+    text = re.sub(r"\{\{[^}]*\}\}\s*", "", one_line(getattr(error, "message", error)))
+    return re.sub(r".*Iterator::\S+: ", "", text).split(" [Op:")[0].strip()
 
 
-def list_images(folder):
-    """Image files in `folder`, sorted, hidden files and other types left out."""
+def list_images(folder, extensions=IMAGE_EXTENSIONS):
+    """Image files (or files of other `extensions`) in `folder`, sorted, hidden files left out."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"missing folder {folder}")
     return sorted(str(p) for p in folder.iterdir()
                   if p.is_file() and not p.name.startswith(".")
-                  and p.suffix.lower() in IMAGE_EXTENSIONS)
+                  and p.suffix.lower() in extensions)
 
 
 class ImageFile(str):
-    """A checked image's path that also carries its EXIF orientation (1 = upright)."""
+    """A checked image's path; it also carries its EXIF orientation (1 = upright), its upright
+    (height, width) where known, and the file the pipeline decodes: the image itself or its
+    copy in DECODED_DIR."""
 
-    def __new__(cls, path, orientation=1):
+    def __new__(cls, path, orientation=1, size=None, decoded=None):
         self = super().__new__(cls, path)
         self.orientation = orientation
+        self.size = size
+        self.decoded = str(path) if decoded is None else decoded
         return self
 
 
@@ -215,10 +267,10 @@ class UnusableImage(Exception):
 
 
 def inspect_image(path):
-    """The file as an ImageFile, checked without a full decode; raises UnusableImage.
+    """The file as an ImageFile, from its header alone; raises UnusableImage.
 
-    The header gives size and orientation; PNG chunk checksums and a JPEG's
-    1/8-scale decode catch damaged or truncated files.
+    The header gives size and orientation; whether the pixels decode is
+    for tensorflow_decodes to say.
     """
     too_large = UnusableImage(f"over the {MAX_PIXELS / 1e6:.0f}-megapixel limit")
     try:
@@ -229,21 +281,22 @@ def inspect_image(path):
             width, height = image.size
             if width * height > MAX_PIXELS:
                 raise too_large
-            if image.format == "PNG":
-                # Only an eXIf chunk before the pixels: reading one after them is a full decode.
-                orientation = image.getexif().get(EXIF_ORIENTATION, 1) if "exif" in image.info else 1
-                image.verify()
-            else:
-                orientation = image.getexif().get(EXIF_ORIENTATION, 1)
-                image.draft("RGB", (max(1, width // 8), max(1, height // 8)))
-                image.load()
+            # A PNG's eXIf chunk after the pixels would take a full decode to reach: only one before.
+            exif = image.format != "PNG" or "exif" in image.info
+            orientation = image.getexif().get(EXIF_ORIENTATION, 1) if exif else 1
     except Image.DecompressionBombError:
         raise too_large from None
     except (OSError, SyntaxError, ValueError, UnidentifiedImageError) as error:
         raise UnusableImage("unreadable") from error
     if not width or not height:
         raise UnusableImage("unreadable")
-    return ImageFile(path, orientation if orientation in range(1, 9) else 1)
+    orientation = orientation if orientation in range(1, 9) else 1
+    # Orientations 5-8 store the picture turned a quarter: upright, width and height swap.
+    return ImageFile(path, orientation, (width, height) if orientation >= 5 else (height, width))
+
+
+def as_image_file(path):
+    return path if isinstance(path, ImageFile) else inspect_image(str(path))
 
 
 def file_name(path):
@@ -251,14 +304,94 @@ def file_name(path):
     return os.fsencode(os.path.basename(path)).decode("utf-8", "backslashreplace")
 
 
+def tensorflow_decodes(images):
+    """The indices of `images` whose whole file TensorFlow's decoder, the pipeline's, reads.
+
+    In parallel, errors dropped: what is missing failed. A JPEG is decoded
+    at 1/8 scale, which still entropy-decodes every block (where damage
+    shows) for a fraction of the work.
+    """
+    if not images:
+        return set()
+
+    def check(index, path):
+        contents = tf.io.read_file(path)
+        shape = tf.cond(tf.io.is_jpeg(contents),
+                        lambda: tf.shape(tf.io.decode_jpeg(contents, channels=3, ratio=8)),
+                        lambda: tf.shape(tf.io.decode_image(contents, channels=3,
+                                                            expand_animations=False)))
+        return index, shape  # the shape as an output, so that the decode is not pruned away
+
+    files = tf.data.Dataset.from_tensor_slices((tf.range(len(images)),
+                                                [os.fsencode(f.decoded) for f in images]))
+    checked = files.map(check, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    return {int(index) for index, _ in checked.ignore_errors().as_numpy_iterator()}
+
+
+def pillow_pixels(path):
+    """An image as Pillow reads it, upright, uint8 RGB; raises UnusableImage."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                return np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    except (OSError, SyntaxError, ValueError, UnidentifiedImageError,
+            Image.DecompressionBombError) as error:
+        raise UnusableImage("unreadable") from error
+
+
+def decoded_copy(image):
+    """`image` (which TensorFlow cannot decode) with a PNG copy in DECODED_DIR; raises UnusableImage.
+
+    A file Pillow reads and TensorFlow does not (an AVIF or TIFF under an
+    image extension, a 1-bit BMP) is decoded once, upright, into a folder of
+    our own: never into the user's. The copy is named after the file's path,
+    size and time, so a changed file gets a new one.
+    """
+    try:
+        info = os.stat(image)
+    except OSError as error:  # gone since its header was read
+        raise UnusableImage("unreadable") from error
+    key = hashlib.sha256(b"\0".join([os.fsencode(os.path.abspath(image)),
+                                     str(info.st_size).encode(), str(info.st_mtime_ns).encode()]))
+    copy = Path(DECODED_DIR) / f"{key.hexdigest()[:32]}.png"
+    if not copy.is_file():
+        pixels = pillow_pixels(image)
+        try:
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_write(copy) as tmp:
+                write_png(tmp, pixels)
+        except (OSError, tf.errors.OpError) as error:
+            raise DataError(f"cannot write the decoded copy of {image!a} into {copy.parent} "
+                            f"({one_line(error)})") from None
+    return ImageFile(image, 1, decoded=str(copy))
+
+
 def usable_images(files, folder):
-    """The files that inspect_image accepts; one SkippedImagesWarning names the rest."""
-    usable, skipped = [], {}
+    """The files the pipeline can decode, as ImageFiles; one SkippedImagesWarning names the rest.
+
+    The pipeline's own decoder (TensorFlow) reads each file whole here, so
+    what passes is exactly what trains and the count printed is the count
+    used; Pillow, the other decoder, reads headers, and the files TensorFlow
+    cannot decode (decoded_copy).
+    """
+    headers, skipped = [], {}
+
+    def skip(path, why):
+        skipped.setdefault(str(why), []).append(file_name(path))
+
     for path in files:
         try:
-            usable.append(inspect_image(path))
+            headers.append(inspect_image(path))
         except UnusableImage as why:
-            skipped.setdefault(str(why), []).append(file_name(path))
+            skip(path, why)
+    decodable = tensorflow_decodes(headers)
+    usable = []
+    for index, image in enumerate(headers):
+        try:
+            usable.append(image if index in decodable else decoded_copy(image))
+        except UnusableImage as why:
+            skip(image, why)
     if skipped:
         unreadable = skipped.pop("unreadable", [])
         parts = [f"{len(unreadable)} unreadable image(s) in {folder}: " + ", ".join(unreadable)] \
@@ -293,14 +426,28 @@ def upright(image, orientation):
     return flip(image, 0, tf.reduce_any(orientation == [3, 4, 7, 8]))
 
 
-def orientation_of(path):
-    return path.orientation if isinstance(path, ImageFile) else inspect_image(path).orientation
-
-
 def decode(path, orientation):
     """A file's pixels as uint8 RGB, upright; `path` as bytes, so any file name works."""
     image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
     return upright(image, orientation)
+
+
+def read_pixels(path):
+    """One image file, upright, as uint8 HxWx3; raises UnusableImage.
+
+    Decoded as the pipeline decodes it; a file TensorFlow cannot decode (see
+    decoded_copy) is read by Pillow, in memory: one image needs no copy.
+    """
+    image = as_image_file(path)
+    try:
+        return decode(os.fsencode(image.decoded), image.orientation).numpy()
+    except tf.errors.OpError:
+        return pillow_pixels(image.decoded)
+
+
+def scaled(image, size):
+    """uint8 pixels resized to size x size, in [-1, 1]."""
+    return to_network(tf.image.resize(tf.cast(image, tf.float32), (size, size), antialias=True))
 
 
 def load_image(path, size, orientation=None):
@@ -308,15 +455,12 @@ def load_image(path, size, orientation=None):
 
     Without `orientation` (one file, eagerly) a file that cannot be used is a DataError.
     """
-    if orientation is None:
-        try:
-            return load_image(os.fsencode(path), size, orientation_of(path))
-        except (UnusableImage, tf.errors.OpError) as why:
-            reason = why if isinstance(why, UnusableImage) else "unreadable"
-            raise DataError(f"cannot use image {os.fsdecode(path)!a}: {reason}") from None
-    image = tf.image.resize(tf.cast(decode(path, orientation), tf.float32), (size, size),
-                            antialias=True)
-    return image / 127.5 - 1.0
+    if orientation is not None:
+        return scaled(decode(path, orientation), size)
+    try:
+        return scaled(read_pixels(path), size)
+    except UnusableImage as why:
+        raise DataError(f"cannot use image {os.fsdecode(path)!a}: {why}") from None
 
 
 def augment(image, crop_size, seed):
@@ -334,18 +478,19 @@ def domain_dataset(files, cfg, seed, replicas=1):
     """Endless shuffled, augmented, batched images of one domain.
 
     Each domain reshuffles on its own as it runs out, so unpaired domains
-    of different sizes never pair A[i] with B[i].
+    of different sizes never pair A[i] with B[i]. Nothing is dropped:
+    usable_images decoded every file as this pipeline does, so an error here
+    (next_batch reports it) is a file changed or removed since, and ends the
+    run rather than a search for readable images that may never end.
     """
     load_px = cfg.load_px
-    ds = tf.data.Dataset.from_tensor_slices(([os.fsencode(f) for f in files],
-                                             [orientation_of(f) for f in files]))
+    images = [as_image_file(f) for f in files]
+    ds = tf.data.Dataset.from_tensor_slices(([os.fsencode(f.decoded) for f in images],
+                                             [f.orientation for f in images]))
     ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True).repeat()
     ds = tf.data.Dataset.zip(ds, tf.data.Dataset.random(seed=seed).batch(2))
     ds = ds.map(lambda file, s: augment(load_image(file[0], load_px, file[1]), cfg.image_size, s),
                 num_parallel_calls=tf.data.AUTOTUNE)
-    # Files were checked at start without a full decode: one whose body is
-    # still damaged is dropped here rather than ending a long run.
-    ds = ds.ignore_errors()
     return ds.batch(cfg.batch_size * replicas, drop_remainder=True)
 
 
@@ -359,6 +504,17 @@ def train_dataset(files_a, files_b, cfg, replicas=1):
 def steps_per_epoch(files_a, files_b, cfg, replicas=1):
     """max(|A|, |B|) / global batch, as the official implementation, unless set."""
     return cfg.steps_per_epoch or max(1, max(len(files_a), len(files_b)) // (cfg.batch_size * replicas))
+
+
+def next_batch(batches):
+    """The next (A, B) pair of an iterator of train_dataset; a failed read is a DataError."""
+    try:
+        return next(batches)
+    except (tf.errors.NotFoundError, tf.errors.PermissionDeniedError, tf.errors.InvalidArgumentError,
+            tf.errors.DataLossError) as error:
+        raise DataError(f"a training image can no longer be read ({op_error_text(error)}); was the "
+                        "dataset moved, deleted or changed during the run? Training stopped; put "
+                        "it back and continue with --resume") from None
 
 
 def load_batch(files, size):
@@ -564,12 +720,7 @@ def read_image(path):
 
     Raises UnusableImage for a file that cannot be read or is too large.
     """
-    image = inspect_image(str(path))
-    try:
-        pixels = decode(os.fsencode(image), image.orientation).numpy()
-    except (tf.errors.OpError, ValueError) as error:
-        raise UnusableImage("unreadable") from error
-    return pixels.astype(np.float32) / 127.5 - 1.0
+    return np.asarray(to_network(read_pixels(path)))
 
 
 def to_unit(images):
@@ -577,13 +728,18 @@ def to_unit(images):
     return np.clip((np.asarray(images) + 1.0) / 2.0, 0.0, 1.0)
 
 
-def to_uint8(image):
-    """[-1, 1] network pixels as uint8 levels."""
-    return np.round((np.clip(image, -1, 1) + 1) * 127.5).astype(np.uint8)
+def to_network(levels):
+    """0-255 levels (uint8 or float, NumPy or TensorFlow) as float32 network pixels in [-1, 1]."""
+    return tf.cast(levels, tf.float32) / 127.5 - 1.0
+
+
+def to_uint8(images):
+    """[-1, 1] network pixels as uint8 levels (a tensor; np.asarray it for NumPy)."""
+    return tf.cast(tf.round((tf.clip_by_value(images, -1.0, 1.0) + 1.0) * 127.5), tf.uint8)
 
 
 def write_image(path, image):
     """Write a [-1, 1] image; the file name's extension picks the format."""
     image_format = Image.registered_extensions().get(Path(path).suffix.lower(), "PNG")
     with atomic_write(path) as tmp:
-        Image.fromarray(to_uint8(image)).save(tmp, format=image_format)
+        Image.fromarray(np.asarray(to_uint8(image))).save(tmp, format=image_format)

@@ -16,7 +16,7 @@ import tensorflow as tf
 
 import models
 from config import UserError
-from data import to_uint8
+from data import to_network, to_uint8
 from fileio import checked_output, user_output
 
 # Format -> the ending its --output must have ("" for a folder).
@@ -32,13 +32,9 @@ def serving_function(generator, size=(None, None)):
     @tf.function(input_signature=[tf.TensorSpec((None, *size, 3), tf.uint8, name="images")])
     def serve(images):
         height, width = tf.shape(images)[1], tf.shape(images)[2]
-        # Edge padding to a multiple of 4, as `models.translate_any_size`.
-        rows = tf.minimum(tf.range(height + -height % 4), height - 1)
-        cols = tf.minimum(tf.range(width + -width % 4), width - 1)
-        padded = tf.gather(tf.gather(images, rows, axis=1), cols, axis=2)
-        out = generator(tf.cast(padded, tf.float32) / 127.5 - 1.0, training=False)
-        out = tf.round((tf.clip_by_value(out[:, :height, :width], -1.0, 1.0) + 1.0) * 127.5)
-        return {"images": tf.cast(out, tf.uint8)}
+        padded = models.edge_pad(images)
+        out = generator(to_network(padded), training=False)
+        return {"images": to_uint8(out[:, :height, :width])}
     return serve
 
 
@@ -135,7 +131,7 @@ def difference(fmt, generator, path, size=(None, None)):
     """(max abs difference from the .h5 on a test image, its unit)."""
     pixels, image = check_images(size)
     if fmt in ("saved_model", "tflite"):
-        expected = to_uint8(models.translate_any_size(generator, pixels[0] / 127.5 - 1.0))
+        expected = np.asarray(to_uint8(models.translate_any_size(generator, to_network(pixels[0]))))
         got = RUNNERS[fmt](path, pixels)[0]
         return int(np.abs(got.astype(int) - expected.astype(int)).max()), "uint8"
     expected = np.asarray(generator(image, training=False))

@@ -82,10 +82,23 @@ def build_parser():
     generator.add_argument("--generator", help="a saved generator .h5")
     generator.add_argument("--pretrained", metavar="NAME",
                            help="an official pretrained model, e.g. monet2photo (downloaded once)")
-    translate.add_argument("--input", required=True, help="an image file or a folder of images")
-    translate.add_argument("--output", required=True, help="folder for the translated images")
+    translate.add_argument("--input", required=True,
+                           help="an image or video file, or a folder of them")
+    translate.add_argument("--output", required=True,
+                           help="folder for the translations (for one clip also a video file)")
     translate.add_argument("--overwrite", action="store_true",
-                           help="replace translated images already in --output")
+                           help="replace translations already in --output")
+    translate.add_argument("--precision", default="auto", choices=config.CHOICES["precision"],
+                           help="compute dtype; auto: bfloat16 where the hardware has it "
+                                "natively, else float32 (as in training)")
+    translate.add_argument("--max-size", type=int, default=0, metavar="N",
+                           help="scale images whose longer side exceeds N down to N first "
+                                "(the official --load_size); 0: translate at full size")
+    translate.add_argument("--keep-size", action="store_true",
+                           help="with --max-size: scale the translations back to the input's size")
+    translate.add_argument("--tile", type=int, default=0, metavar="N",
+                           help="translate images larger than N x N pixels in overlapping tiles, "
+                                "in bounded memory, with the same result; 0: whole")
     add_evaluate_flags(commands.add_parser("evaluate", help="score a trained run on the test split"))
     summary = commands.add_parser("summary", help="print the models' sizes and outputs")
     summary.add_argument("--preset", default="book", choices=tuple(config.PRESETS))
@@ -157,6 +170,9 @@ def main(argv=None):
     except config.UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop, which handles its own
+        print("\nstopped (Ctrl-C)", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -3,6 +3,7 @@
 Every image score is computed on [0, 1] pixels, per image, then averaged.
 Names end in the domain of the images scored: cycle_L1_A is A->B->A.
 """
+import hashlib
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -24,6 +25,13 @@ PSNR_CAP_DB = 100.0     # identical images would give infinity, which JSON canno
 KID_SUBSET = 1000       # as Binkowski et al.
 KID_SUBSETS = 100
 INCEPTION_PX = 299
+# Keras's InceptionV3 ImageNet weights without the top (its address and MD5), fetched
+# through data.download, which bounds size and time as keras.applications does not.
+INCEPTION_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/"
+                 "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5")
+INCEPTION_MD5 = "bcbd6486424b2319ff4ef7d526e38f63"
+INCEPTION_MAX_BYTES = 128 * 2 ** 20  # the file is 88 MB
+INCEPTION_FILE = Path("datasets") / ".models" / "inception_v3_notop.weights.h5"
 
 class FeaturesUnavailable(Exception):
     """No Inception features (no weights, too few images): FID/KID are skipped."""
@@ -172,16 +180,28 @@ def load_inception(weights=None):
     if weights is not None and not Path(weights).is_file():
         raise UserError(f"--inception-weights {weights} is not a file")
     try:
-        with data.download_timeout():
-            return keras.applications.InceptionV3(include_top=False, pooling="avg",
-                                                  input_shape=(INCEPTION_PX, INCEPTION_PX, 3),
-                                                  weights=weights or "imagenet")
-    except Exception as error:
-        if weights is not None:
-            raise UserError(f"--inception-weights {weights} does not fit InceptionV3 without its "
-                            f"top ({data.one_line(error)})") from None
-        raise FeaturesUnavailable(f"no InceptionV3 weights ({data.one_line(error)}); "
+        weights = weights or inception_weights()
+    except data.DataError as error:
+        raise FeaturesUnavailable(f"no InceptionV3 weights ({error}); "
                                   "pass --inception-weights PATH to use a local file") from None
+    model = keras.applications.InceptionV3(include_top=False, pooling="avg", weights=None,
+                                           input_shape=(INCEPTION_PX, INCEPTION_PX, 3))
+    try:
+        model.load_weights(weights)
+    except Exception as error:  # what a file of other weights raises varies with the file
+        raise UserError(f"{weights} does not fit InceptionV3 without its top "
+                        f"({data.one_line(error)})") from None
+    return model
+
+
+def inception_weights():
+    """INCEPTION_FILE, downloaded the first time it is asked for."""
+    def check(path):
+        if hashlib.md5(path.read_bytes()).hexdigest() != INCEPTION_MD5:
+            raise data.DataError("not the expected file (its MD5 differs)")
+    if not INCEPTION_FILE.is_file():
+        data.download([INCEPTION_URL], INCEPTION_FILE, INCEPTION_MAX_BYTES, check)
+    return str(INCEPTION_FILE)
 
 
 def features(model, batches):

@@ -313,15 +313,26 @@ def build_cyclegan(cfg):
     return CycleGAN(g_ab, g_ba, d_a, d_b, adversarial, cfg.jit_compile)
 
 
+def retyped(model, policy, output_policy=None):
+    """The same network and weights with every layer computing under the dtype `policy`
+    (the output layer under `output_policy`, where given)."""
+    config = model.get_config()
+    outputs = config["output_layers"]  # one output: [name, 0, 0]; several: a list of those
+    outputs = {outputs[0]} if isinstance(outputs[0], str) else {name for name, *_ in outputs}
+    for layer in config["layers"]:
+        if layer["class_name"] != "InputLayer":
+            layer["config"]["dtype"] = output_policy if output_policy and layer["name"] in outputs \
+                else policy
+    twin = model.__class__.from_config(config)
+    twin.set_weights(model.get_weights())
+    return twin
+
+
 def float32_twin(model):
     """The same network and weights computing in float32: what a saved model should be."""
     if model.compute_dtype == "float32":
         return model
-    config = model.get_config()
-    for layer in config["layers"]:
-        layer["config"]["dtype"] = "float32"
-    twin = model.__class__.from_config(config)
-    twin.set_weights(model.get_weights())
+    twin = retyped(model, "float32")
     twin.trainable = model.trainable
     if model.compiled:  # a reloaded discriminator trains as the saved one did
         optimizer = getattr(model.optimizer, "inner_optimizer", model.optimizer)  # no loss scaling
@@ -366,8 +377,24 @@ def load_generator(path):
     return model
 
 
+def in_precision(generator, precision):
+    """A generator computing in `precision` (float32, bfloat16, float16), its output float32 as
+    in training; the weights stay float32."""
+    if precision == "float32" and generator.compute_dtype == "float32":
+        return generator
+    return retyped(generator, machine.POLICIES[precision], "float32")
+
+
+def edge_pad(images, multiple=4):
+    """NHWC images edge-padded at the bottom and right to a multiple of `multiple` (a tensor)."""
+    height, width = tf.shape(images)[1], tf.shape(images)[2]
+    rows = tf.minimum(tf.range(height + -height % multiple), height - 1)
+    cols = tf.minimum(tf.range(width + -width % multiple), width - 1)
+    return tf.gather(tf.gather(images, rows, axis=1), cols, axis=2)
+
+
 def translate_any_size(generator, image):
     """Translate one HxWx3 [-1, 1] image of any size: edge-pad to a multiple of 4, crop back."""
     h, w = image.shape[:2]
-    padded = np.pad(image, ((0, -h % 4), (0, -w % 4), (0, 0)), mode="edge")
-    return np.asarray(generator(padded[None], training=False)[0])[:h, :w]
+    padded = edge_pad(tf.convert_to_tensor(image)[None])
+    return np.asarray(generator(padded, training=False)[0])[:h, :w]

@@ -25,6 +25,8 @@ from fileio import checked_output
 DEFAULT_URL = "http://efrosgans.eecs.berkeley.edu/cyclegan/pretrained_models/{name}.pth"
 URL_VARIABLE = "CYCLEGAN_PRETRAINED_URL"
 PRETRAINED_DIR = "pretrained"
+# An official generator's .pth is 45 MB (ngf 64, 9 blocks); a download may be at most this.
+MAX_PTH_BYTES = 128 * 2 ** 20
 # The names the official download script lists.
 OFFICIAL_NAMES = (
     "apple2orange", "orange2apple", "summer2winter_yosemite", "winter2summer_yosemite",
@@ -43,6 +45,7 @@ STORAGE_DTYPES = {
 }
 # Buffers that InstanceNorm layers carried before PyTorch 0.4; the official loader drops them.
 STALE_NORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+CLAIMS_TOO_MUCH = "its tensors claim more bytes than the file has: the file is damaged"
 
 
 class CheckpointError(UserError):
@@ -72,22 +75,32 @@ class StateDictUnpickler(pickle.Unpickler):
     """Builds only ordered dicts and tensors (as NumPy arrays); refuses every other global.
 
     A pickle can call any importable function; this one can call only the
-    two functions below, so a hostile file cannot run code.
+    two functions below, so a hostile file cannot run code. Its tensors
+    together may claim no more bytes than the file holds: a stride of 0 lets
+    a few bytes of data claim gigabytes, which read_pth would copy out.
     """
 
-    def __init__(self, file, storage):
+    def __init__(self, file, storage, file_bytes):
         super().__init__(file, encoding="utf-8")
         self.storage = storage  # (dtype, key, numel, view) -> 1-D array
+        self.unclaimed = file_bytes
 
     def find_class(self, module, name):
         if (module, name) == ("collections", "OrderedDict"):
             return collections.OrderedDict
         if module == "torch._utils" and name in ("_rebuild_tensor", "_rebuild_tensor_v2"):
-            return rebuild_tensor
+            return self.rebuild_tensor
         if module == "torch" and name in STORAGE_DTYPES:
             return STORAGE_DTYPES[name]
         raise CheckpointError(f"refusing {module}.{name}: a state dict holds only tensors, "
                               "and this file asks to run other code")
+
+    def rebuild_tensor(self, *args):
+        tensor = rebuild_tensor(*args)
+        self.unclaimed -= tensor.nbytes  # of its shape, whatever its strides
+        if self.unclaimed < 0:
+            raise CheckpointError(CLAIMS_TOO_MUCH)
+        return tensor
 
     def persistent_load(self, pid):
         if not isinstance(pid, tuple) or len(pid) < 5 or text(pid[0]) != "storage" \
@@ -97,10 +110,10 @@ class StateDictUnpickler(pickle.Unpickler):
         return self.storage(dtype, key, numel, pid[5] if len(pid) > 5 else None)
 
 
-def unpickle(file, storage=None):
+def unpickle(file, storage=None, file_bytes=0):
     def no_storage(*_):
         raise CheckpointError("unexpected tensor data in the file's header")
-    return StateDictUnpickler(file, storage or no_storage).load()
+    return StateDictUnpickler(file, storage or no_storage, file_bytes).load()
 
 
 def read_zip(path):
@@ -120,7 +133,7 @@ def read_zip(path):
                 raise CheckpointError(f"tensor data {key} has the wrong size: the file is damaged")
             return np.frombuffer(archive.read(entry), dtype)
 
-        return unpickle(io.BytesIO(archive.read(pickles[0])), storage)
+        return unpickle(io.BytesIO(archive.read(pickles[0])), storage, Path(path).stat().st_size)
 
 
 def read_legacy(file, file_size):
@@ -135,15 +148,14 @@ def read_legacy(file, file_size):
         # The data follows the pickle: hand out arrays now, fill them below.
         if key not in roots:
             if sum(a.nbytes for a in roots.values()) + numel * dtype.itemsize > file_size:
-                raise CheckpointError("its tensors claim more bytes than the file has: "
-                                      "the file is damaged")
+                raise CheckpointError(CLAIMS_TOO_MUCH)
             roots[key] = np.zeros(numel, dtype)
         if view is None:
             return roots[key]
         view_key, offset, count = text(view[0]), view[1], view[2]
         return views.setdefault(view_key, roots[key][offset:offset + count])
 
-    state = unpickle(file, storage)
+    state = unpickle(file, storage, file_size)
     for key in unpickle(file):
         array = roots.get(text(key))
         if array is None:
@@ -300,10 +312,8 @@ def convert_command(args):
 
 
 def pretrained_url(name):
-    template = os.environ.get(URL_VARIABLE) or DEFAULT_URL
-    if "{name}" not in template:
-        raise UserError(f"{URL_VARIABLE} must contain {{name}}, got {template!r}")
-    return template.format(name=name)
+    import data
+    return data.url_from_template(os.environ.get(URL_VARIABLE) or DEFAULT_URL, name, URL_VARIABLE)
 
 
 def convert_pretrained(name, output_path):
@@ -314,7 +324,7 @@ def convert_pretrained(name, output_path):
                         + ", ".join(OFFICIAL_NAMES))
     checked_output(output_path, (".h5", ".keras"))
     with tempfile.TemporaryDirectory() as folder:
-        pth = data.download([pretrained_url(name)], Path(folder) / f"{name}.pth")
+        pth = data.download([pretrained_url(name)], Path(folder) / f"{name}.pth", MAX_PTH_BYTES)
         return convert(pth, output_path)
 
 

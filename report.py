@@ -84,7 +84,7 @@ class Progress:
         self.clock = None      # (time, step) once the first step is done
         self.told_estimate = False
         self.say(f"Run: {self.total} steps in all ({epochs} epochs of {steps_per_epoch}); "
-                 + (f"{step} done, " if step else "") + "the time it takes follows its first steps.")
+                 + (f"{step} done, " if step else "") + "how long it takes is told after its first steps.")
 
     def say(self, line):
         print(line, file=self.out, flush=True)

@@ -237,11 +237,12 @@ class RunCheckpoint:
         self.step = tf.Variable(0, dtype=tf.int64)
         self.pool_images = [tf.Variable(tf.zeros((p.size, image_size, image_size, 3))) for p in pools]
         self.pool_counts = [tf.Variable(0, dtype=tf.int64) for _ in pools]
-        checkpoint = tf.train.Checkpoint(
-            g_ab=gan.g_ab, g_ba=gan.g_ba, d_a=gan.d_a, d_b=gan.d_b,
-            d_a_optimizer=gan.d_a.optimizer, d_b_optimizer=gan.d_b.optimizer,
-            adversarial_optimizer=gan.adversarial.optimizer, step=self.step,
-            pool_images=self.pool_images, pool_counts=self.pool_counts, data=data_iterator)
+        state = dict(g_ab=gan.g_ab, g_ba=gan.g_ba, d_a=gan.d_a, d_b=gan.d_b,
+                     d_a_optimizer=gan.d_a.optimizer, d_b_optimizer=gan.d_b.optimizer,
+                     adversarial_optimizer=gan.adversarial.optimizer, step=self.step,
+                     pool_images=self.pool_images, pool_counts=self.pool_counts)
+        self.without_data = tf.train.Checkpoint(**state)
+        checkpoint = tf.train.Checkpoint(**state, data=data_iterator)
         self.manager = tf.train.CheckpointManager(checkpoint, str(folder), max_to_keep=keep)
 
     def save(self, step):
@@ -273,9 +274,10 @@ class RunCheckpoint:
             try:
                 self.manager.checkpoint.restore(path).assert_existing_objects_matched()
             except Exception as error:  # what a damaged file raises varies with the damage
-                warnings.warn(f"skipping damaged checkpoint {path} ({config.one_line(error)})",
-                              DamagedCheckpointWarning)
-                continue
+                if not self.restored_without_data(path, error):
+                    warnings.warn(f"skipping damaged checkpoint {path} ({config.one_line(error)})",
+                                  DamagedCheckpointWarning)
+                    continue
             for pool, images, count in zip(self.pools, self.pool_images, self.pool_counts):
                 pool.images = list(images.numpy()[:int(count.numpy())])
             return int(self.step.numpy())  # .numpy(): a MirroredVariable under a strategy
@@ -284,5 +286,23 @@ class RunCheckpoint:
         return 0
 
 
+    def restored_without_data(self, path, error):
+        """Whether `path`, whose input position only an older pipeline could take (one that
+        dropped unreadable images, data.domain_dataset), restores without it."""
+        if "dataset iterator" not in str(error):
+            return False
+        try:
+            self.without_data.restore(path).expect_partial().assert_existing_objects_matched()
+        except Exception:  # damaged as well
+            return False
+        warnings.warn(f"{path} holds the input position of an older version of this program; "
+                      "resumed with the images in a new order", InputOrderWarning)
+        return True
+
+
 class DamagedCheckpointWarning(UserWarning):
     """A checkpoint could not be read; an older one is used."""
+
+
+class InputOrderWarning(UserWarning):
+    """A checkpoint's input position is of an older pipeline; the images start a new order."""

@@ -19,6 +19,8 @@ from config import UserError
 from run_folder import RunCheckpoint, RunFolder
 
 SAMPLE_COUNT = 3
+# A checkpoint holds the input position, which waits for the images being read.
+SAVING = "the checkpoint to be written"
 
 
 def resumed_config(given):
@@ -94,7 +96,8 @@ def train(cfg, resume=False, overwrite=False):
     files_a = data.domain_files(root, "train", "A", cfg.limit)
     files_b = data.domain_files(root, "train", "B", cfg.limit)
     chief = strategy.extended.should_checkpoint  # only the chief holds the run folder
-    with folder.open([root], resume, overwrite) if chief else contextlib.nullcontext():
+    with folder.open([root], resume, overwrite) if chief else contextlib.nullcontext(), \
+            machine.lost_workers_as_user_error():
         run_training(cfg, strategy, root, files_a, files_b, folder, resume)
 
 
@@ -172,8 +175,10 @@ def run_epochs(run, step):
             sums = defaultdict(float)
             first = step % steps
             for i in range(first, steps):
-                real_a, real_b = next(run.batches)
-                losses = tu.train_step(run.gan, real_a, real_b, run.pools, cfg)
+                with stop.waiting("the next batch of training images"):
+                    real_a, real_b = data.next_batch(run.batches)
+                with stop.waiting_for_workers(run.strategy):
+                    losses = tu.train_step(run.gan, real_a, real_b, run.pools, cfg)
                 tu.check_finite(losses, step + 1)
                 step += 1
                 for key, value in losses.items():
@@ -181,17 +186,20 @@ def run_epochs(run, step):
                 if step % cfg.log_every == 0:
                     run.logger.losses(losses, lr, step)
                 progress.step_done(step, losses)
-                stopping = tu.agreed_stop(run.strategy, stop.requested)
+                with stop.waiting_for_workers(run.strategy):
+                    stopping = tu.agreed_stop(run.strategy, stop.requested)
                 mid_epoch = i + 1 < steps  # at its end, the epoch's outputs come first
                 if run.chief and mid_epoch and (step % checkpoint_every == 0 or stopping):
-                    run.checkpoint.save(step)
+                    with stop.waiting(SAVING):
+                        run.checkpoint.save(step)
                 if mid_epoch and stopping:
                     return stopped(stopping, run, step)
             mean_losses = {k: v / (steps - first) for k, v in sums.items()}
             if run.chief:
                 write_epoch_outputs(run, epoch, step, mean_losses)
                 if step % checkpoint_every == 0 or stopping:
-                    run.checkpoint.save(step)  # after the epoch's outputs: a resume never skips them
+                    with stop.waiting(SAVING):  # after the epoch's outputs: a resume never skips them
+                        run.checkpoint.save(step)
                 run.logger.flush()
             progress.end_epoch(step, mean_losses)
             if stopping and epoch < cfg.total_epochs:

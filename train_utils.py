@@ -1,7 +1,11 @@
 """The chapter's training-loop pieces: the step, discriminator updates, image pool, schedule,
 replicas, and the stop a signal asks for."""
 import contextlib
+import os
+import select
 import signal
+import sys
+import threading
 import time
 import weakref
 
@@ -10,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 import data
+import machine
 import models
 from config import UserError
 from models import OUTPUT_NAMES
@@ -225,17 +230,95 @@ def out_of_memory_as_user_error(cfg):
                         f"{cfg.batch_size}; try a smaller --image-size or --batch-size") from None
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
 class StopOnSignal:
-    """Turns SIGINT/SIGTERM into a request the loop honours after its current step."""
+    """SIGINT/SIGTERM: a request the loop honours after its current step, saving a checkpoint.
+
+    The loop marks the waits it may block in (`waiting`). A second signal,
+    or the first while a wait lasts GRACE_S beyond it (plus twice the
+    longest such wait so far), ends the process at once, saying so; a wait
+    past machine.wait_timeout() ends it as an error. A thread of our own
+    does this because Python runs a signal handler only when the main
+    thread runs Python code, which it does not while blocked in TensorFlow
+    (an iterator's next, a collective op); the C-level handler still writes
+    each signal to the wakeup fd that thread reads.
+    """
+    GRACE_S = 10
 
     def __enter__(self):
         self.requested = None
-        self.previous = {sig: signal.signal(sig, self.request) for sig in (signal.SIGINT, signal.SIGTERM)}
+        self.timeout_s = machine.wait_timeout()
+        self.signals = []   # (signal, when) as the watcher received them
+        self.wait = None    # (what, since) of the wait the main thread is in
+        self.waited = {}    # what: how long each wait for it took
+        self.previous = {sig: signal.signal(sig, self.request) for sig in STOP_SIGNALS}
+        self.reader, self.writer = os.pipe()
+        os.set_blocking(self.writer, False)
+        self.previous_fd = signal.set_wakeup_fd(self.writer, warn_on_full_buffer=False)
+        self.watcher = threading.Thread(target=self.watch, daemon=True)
+        self.watcher.start()
         return self
 
     def request(self, signum, frame):
         self.requested = signal.Signals(signum).name
 
     def __exit__(self, *exc):
+        signal.set_wakeup_fd(self.previous_fd)
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+        os.close(self.writer)  # the watcher reads the end of the pipe and returns
+        self.watcher.join()
+        os.close(self.reader)
+
+    @contextlib.contextmanager
+    def waiting(self, what):
+        """Marks a wait for `what` ("the next batch of training images") that may never end."""
+        since = time.monotonic()
+        self.wait = (what, since)
+        try:
+            yield
+        finally:
+            self.wait = None
+            self.waited.setdefault(what, []).append(time.monotonic() - since)
+
+    def waiting_for_workers(self, strategy):
+        """`waiting` for the other workers, whose collective ops a step or a stop waits on."""
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return self.waiting("the other workers")
+        return contextlib.nullcontext()
+
+    def watch(self):
+        while True:
+            if select.select([self.reader], [], [], 1.0)[0]:
+                received = os.read(self.reader, 64)
+                if not received:
+                    return
+                self.signals += [(signal.Signals(n), time.monotonic()) for n in received
+                                 if n in STOP_SIGNALS]
+            self.check(time.monotonic())
+
+    def check(self, now):
+        if len(self.signals) > 1:
+            sig = self.signals[1][0]
+            self.end(f"{sig.name} again: stopped at once", 128 + sig)
+        if self.wait is None:
+            return
+        what, since = self.wait
+        if now - since > self.timeout_s:
+            self.end(f"error: waited {self.timeout_s:g} s for {what} ({machine.TIMEOUT_VARIABLE} "
+                     "sets how long); stopped", 2)
+        if self.signals:
+            sig, when = self.signals[0]
+            earlier = self.waited.get(what, [])[1:]  # the first of each includes tracing
+            if now - max(since, when) > self.GRACE_S + 2 * max(earlier, default=0):
+                self.end(f"{sig.name}: still waiting for {what}; stopped", 128 + sig)
+
+    @staticmethod
+    def end(message, code):
+        """Print one line and end the process now, whatever the main thread is doing."""
+        sys.stdout.flush()
+        print(f"\n{message} without a new checkpoint; the last one is kept (--resume continues "
+              "from it)", file=sys.stderr, flush=True)
+        os._exit(code)

@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))
 
 
 # Modules that each spend minutes in training subprocesses, slowest first.
-SLOW_MODULES = ("test_resume.py", "test_distribute.py", "test_cli.py")
+SLOW_MODULES = ("test_resume.py", "test_distribute.py", "test_cli.py", "test_notebook.py")
 
 
 def pytest_configure(config):
@@ -64,6 +64,26 @@ def tiny_data(folder):
     """A minimal dataset: 4 A, 3 B, one test image each, 40 px."""
     for i, (sub, count) in enumerate((("trainA", 4), ("trainB", 3), ("testA", 1), ("testB", 1))):
         write_images(folder / sub, count, size=40, seed=i)
+
+
+def within(seconds, function, *args):
+    """function(*args), run in a thread: a call that does not return in `seconds` (a hang)
+    fails the test instead of holding it forever."""
+    import threading
+    outcome = {}
+
+    def call():
+        try:
+            outcome["value"] = function(*args)
+        except BaseException as error:  # handed to the test below
+            outcome["error"] = error
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert not thread.is_alive(), f"{function.__name__} did not return within {seconds} s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 # --- Running the command line -----------------------------------------------
@@ -135,5 +155,43 @@ def serve_folder(folder):
     try:
         yield f"http://127.0.0.1:{server.server_address[1]}", requests
     finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
+def serve_endless(pause=0.0, announce=None):
+    """An HTTP server on 127.0.0.1 whose answers never end: a byte every `pause` seconds (a
+    trickle) or zeros as fast as they go; `announce` is the Content-Length it claims.
+    Yields its base address and the paths requested."""
+    import http.server
+    import threading
+    import time
+    requests, stop = [], threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            requests.append(self.path)
+            self.send_response(200)
+            if announce:
+                self.send_header("Content-Length", str(announce))
+            self.end_headers()
+            try:
+                while not stop.is_set():
+                    self.wfile.write(b"\0" if pause else bytes(2 ** 16))
+                    self.wfile.flush()
+                    time.sleep(pause)
+            except OSError:  # the client gave up
+                pass
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", requests
+    finally:
+        stop.set()
         server.shutdown()
         server.server_close()

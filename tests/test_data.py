@@ -1,5 +1,6 @@
-import sys
 import os
+import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ import tensorflow as tf
 import data
 import metrics
 from config import make_config
-from conftest import write_images
+from conftest import within, write_images
 
 
 def test_pixels_are_scaled_to_minus_one_one(tmp_path):
@@ -192,12 +193,10 @@ def test_unreadable_images_are_skipped_with_a_named_warning(tiny_dataset):
 
 
 def test_official_dataset_offline_fails_fast_with_where_to_put_it(tmp_path, monkeypatch):
-    import keras
-
     def offline(*args, **kwargs):
         raise OSError("Temporary failure in name resolution")
 
-    monkeypatch.setattr(keras.utils, "get_file", offline)
+    monkeypatch.setattr(data, "fetch", offline)
     with pytest.raises(data.DataError) as error:
         data.resolve_dataset("monet2photo", datasets_dir=str(tmp_path))
     message = str(error.value)
@@ -206,8 +205,7 @@ def test_official_dataset_offline_fails_fast_with_where_to_put_it(tmp_path, monk
 
 
 def test_existing_official_dataset_folder_is_used_without_download(tmp_path, monkeypatch):
-    import keras
-    monkeypatch.setattr(keras.utils, "get_file", lambda *a, **k: pytest.fail("downloaded"))
+    monkeypatch.setattr(data, "fetch", lambda *a, **k: pytest.fail("downloaded"))
     write_images(tmp_path / "horse2zebra" / "trainA", 1)
     assert data.resolve_dataset("horse2zebra", datasets_dir=str(tmp_path)) == tmp_path / "horse2zebra"
 
@@ -270,7 +268,7 @@ def test_exif_orientation_turns_the_image_upright_as_pil_does(tmp_path, orientat
     assert expected.shape == ((10, 6, 3) if orientation >= 5 else (6, 10, 3))
     (file,) = data.usable_images([str(path)], tmp_path)
     assert file.orientation == orientation
-    got = np.round((data.read_image(path) + 1) * 127.5).astype(np.uint8)
+    got = np.asarray(data.to_uint8(data.read_image(path)))
     np.testing.assert_array_equal(got, expected)
     loaded = data.load_image(str(path), 32).numpy()  # samples, evaluation: upright too
     np.testing.assert_allclose(loaded, data.load_image(file, 32).numpy(), atol=1e-6)
@@ -329,12 +327,51 @@ def test_to_unit_maps_network_range_to_display_range():
     np.testing.assert_allclose(data.to_unit(np.array([-1.0, 0.0, 1.0, 2.0])), [0, 0.5, 1, 1])
 
 
-def test_startup_checks_images_without_decoding_them_in_tensorflow(tiny_dataset, monkeypatch):
-    """Listing a domain reads headers only: a run or resume of a large dataset starts at once."""
-    def no_decode(*args, **kwargs):
-        raise AssertionError("an image was decoded at start-up")
-    monkeypatch.setattr(tf.io, "decode_image", no_decode)
-    assert len(data.domain_files(tiny_dataset, "train", "A")) == 5
+def only_pillow_decodes(folder):
+    """White images TensorFlow's decoder cannot read, as real folders hold them: an AVIF
+    named .jpg (as web downloads often are), a TIFF named .png and a 1-bit BMP."""
+    folder.mkdir(parents=True)
+    white = Image.new("RGB", (40, 40), "white")
+    white.save(folder / "web.jpg", "AVIF")
+    white.save(folder / "scan.png", "TIFF")
+    white.convert("1").save(folder / "fax.bmp")
+    for path in folder.iterdir():
+        with pytest.raises(tf.errors.InvalidArgumentError):
+            tf.io.decode_image(tf.io.read_file(str(path)))
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_images_only_pillow_decodes_are_trained_on_from_copies_outside_the_users_folder(
+        tmp_path, monkeypatch):
+    """Start-up decodes each file as the pipeline does: what passes trains, and is counted."""
+    monkeypatch.chdir(tmp_path)
+    before = only_pillow_decodes(tmp_path / "data" / "trainA")
+    write_images(tmp_path / "data" / "trainB", 2)
+    files_a = data.domain_files(tmp_path / "data", "train", "A")
+    assert sorted(os.path.basename(f) for f in files_a) == sorted(before)
+    copies = {p: p.stat().st_mtime_ns for p in (tmp_path / data.DECODED_DIR).iterdir()}
+    assert len(copies) == 3
+    batches = iter(data.train_dataset(files_a, data.domain_files(tmp_path / "data", "train", "B"),
+                                      make_config(image_size=32)))
+    for _ in range(3):  # the whole domain: before, the pipeline dropped each and never returned
+        batch_a, _ = within(60, data.next_batch, batches)
+        assert batch_a.numpy().min() > 0.9  # white: the images themselves
+    assert data.read_image(tmp_path / "data" / "trainA" / "web.jpg").min() > 0.9  # translate
+    assert {p.name: p.read_bytes() for p in (tmp_path / "data" / "trainA").iterdir()} == before
+    data.domain_files(tmp_path / "data", "train", "A")  # decoded once: the copies are reused
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / data.DECODED_DIR).iterdir()} == copies
+
+
+def test_images_gone_after_the_check_end_the_pipeline_in_one_line_naming_them(tiny_dataset):
+    """Nothing is dropped, so no endless search for an image that reads: one line says why."""
+    files_a, files_b = (data.domain_files(tiny_dataset, "train", d) for d in "AB")
+    batches = iter(data.train_dataset(files_a, files_b, make_config(image_size=32)))
+    within(60, data.next_batch, batches)
+    shutil.rmtree(tiny_dataset / "trainA")
+    with pytest.raises(data.DataError, match=r"can no longer be read \(.*trainA.*No such file") as error:
+        for _ in range(20):  # past the batches read ahead
+            within(60, data.next_batch, batches)
+    assert "\n" not in str(error.value)
 
 
 def test_an_image_read_on_its_own_that_cannot_be_used_is_a_one_line_error(tmp_path):

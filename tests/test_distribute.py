@@ -10,10 +10,12 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 
 from conftest import ROOT, write_images
+from train_utils import StopOnSignal
 
 TWO_CPUS = f"""
 import os, sys
@@ -170,3 +172,109 @@ def test_two_workers_train_in_step_stop_together_and_resume(tmp_path):
 def keras_weights(path):
     import keras
     return keras.models.load_model(path, compile=False).get_weights()
+
+
+def lone_worker(tmp_path, timeout=None):
+    """Worker 0 of two whose peer never starts, started as the command line is."""
+    for i, sub in enumerate(("trainA", "trainB")):
+        write_images(tmp_path / "data" / sub, 2, size=40, seed=i)
+    ports = free_ports(2)
+    cluster = {"worker": [f"localhost:{p}" for p in ports]}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "3",
+           "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}})}
+    if timeout:
+        env["CYCLEGAN_TIMEOUT"] = timeout
+    process = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "--data", "data",
+                                "--image-size", "32", "--strategy", "multiworker"],
+                               cwd=tmp_path, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    waiting = process.stdout.readline()
+    assert waiting.startswith(f"Waiting for worker 1 at localhost:{ports[1]} (this is worker 0 at "
+                              f"localhost:{ports[0]}), at most"), waiting + process.communicate()[1]
+    return process, ports
+
+
+def test_a_worker_whose_peer_never_starts_says_which_and_gives_up_in_one_line(tmp_path):
+    process, ports = lone_worker(tmp_path, timeout="5")
+    _, err = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert err.strip() == (f"error: worker 1 at localhost:{ports[1]} did not start within 5 s "
+                           "(CYCLEGAN_TIMEOUT sets how long)"), err
+    assert not (tmp_path / "results").exists()
+
+
+def test_ctrl_c_ends_a_worker_waiting_for_its_peer(tmp_path):
+    process, _ = lone_worker(tmp_path)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == -signal.SIGINT and "Traceback" not in err, err
+
+
+COLLECTIVE = f"""
+import sys, time
+sys.path.insert(0, {str(ROOT)!r})
+import machine, train_utils as tu
+strategy = machine.make_strategy("multiworker")
+if sys.argv[1] == "1":
+    print("ready", flush=True)
+    time.sleep(600)  # alive, so no heartbeat is missed, but never in the all-reduce
+with tu.StopOnSignal() as stop, stop.waiting_for_workers(strategy):
+    print("ready", flush=True)
+    tu.agreed_stop(strategy, None)
+"""
+
+
+def test_ctrl_c_ends_a_worker_blocked_in_an_all_reduce_its_peer_never_joins(tmp_path):
+    ports = free_ports(2)
+    cluster = {"worker": [f"localhost:{p}" for p in ports]}
+    workers = []
+    try:
+        for index in range(2):
+            env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "3",
+                   "TF_CONFIG": json.dumps({"cluster": cluster,
+                                            "task": {"type": "worker", "index": index}})}
+            workers.append(subprocess.Popen([sys.executable, "-c", COLLECTIVE, str(index)],
+                                            cwd=tmp_path, env=env, text=True,
+                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        for worker in workers:
+            seen = ""
+            while not seen.endswith("ready\n"):  # after the line naming whom it waits for
+                line = worker.stdout.readline()
+                assert line, seen
+                seen += line
+        time.sleep(1)  # worker 0 is in the all-reduce, inside TensorFlow
+        workers[0].send_signal(signal.SIGINT)
+        _, err = workers[0].communicate(timeout=StopOnSignal.GRACE_S + 30)
+    finally:
+        for worker in workers:
+            worker.kill()
+    assert workers[0].returncode == 128 + signal.SIGINT, err
+    assert err.strip().splitlines()[-1].startswith(
+        "SIGINT: still waiting for the other workers; stopped without a new checkpoint"), err
+
+
+def test_a_worker_that_dies_mid_run_is_named_in_one_line(tmp_path):
+    for i, sub in enumerate(("trainA", "trainB")):
+        write_images(tmp_path / "data" / sub, 4, size=40, seed=i)
+    for index in range(2):
+        (tmp_path / f"machine{index}").mkdir()
+    flags = ["--data", str(tmp_path / "data"), "--image-size", "32", "--filters", "4",
+             "--res-blocks", "1", "--epochs", "50", "--strategy", "multiworker", "--name", "d"]
+    ports = free_ports(2)
+    workers = start_workers(tmp_path, ports, [flags, flags])
+    try:
+        seen = ""
+        while "Epoch 2/50" not in seen:
+            line = workers[0].stdout.readline()
+            assert line, seen
+            seen += line
+        workers[1].kill()
+        out = workers[0].communicate(timeout=180)[0]
+    finally:
+        for worker in workers:
+            worker.kill()
+    assert workers[0].returncode == 2, out
+    assert out.strip().splitlines()[-1] == (
+        f"error: worker 1 at localhost:{ports[1]} stopped answering; training stopped without a "
+        "new checkpoint, the last one is kept: start every worker again with --resume"), out
+    assert "Traceback" not in out

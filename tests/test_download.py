@@ -1,11 +1,16 @@
-"""Official datasets: downloaded from a loopback server the test starts, checked, unpacked safely."""
+"""Official datasets: downloaded from a loopback server the test starts, checked, unpacked safely,
+given up when the server never finishes."""
 import io
+import signal
+import subprocess
+import sys
+import time
 import zipfile
 
 import pytest
 
 import data
-from conftest import serve_folder, write_images
+from conftest import ENV, ROOT, one_line_error, serve_endless, serve_folder, within, write_images
 
 
 @pytest.fixture
@@ -131,3 +136,47 @@ def test_a_zip_bomb_is_refused_before_unpacking(tmp_path, server, monkeypatch):
     with pytest.raises(data.DataError, match="would unpack .* into 209715200 bytes"):
         data.resolve_dataset("facades", datasets)
     assert listing(datasets) == []
+
+
+@pytest.mark.parametrize("pause, announce, words", [
+    (0.2, None, "less than 100 bytes a second"),   # a byte a read: no read ever times out
+    (0.0, None, "sends more than"),                 # an endless body
+    (0.0, 10 ** 12, "announces 1000000000000 bytes"),
+])
+def test_a_download_that_would_never_end_is_given_up_leaving_nothing(tmp_path, monkeypatch, pause,
+                                                                      announce, words):
+    monkeypatch.setattr(data, "RATE_WINDOW_S", 1)
+    monkeypatch.setattr(data, "MIN_RATE", 100)
+    monkeypatch.setitem(data.DATASET_MIB, "facades", 1)
+    datasets = tmp_path / "datasets"
+    with serve_endless(pause, announce) as (base, requests):
+        use_hosts(monkeypatch, f"{base}/{{name}}.zip")
+        with pytest.raises(data.DataError, match=words) as error:
+            within(60, data.resolve_dataset, "facades", datasets)
+    assert requests == ["/facades.zip"] and "\n" not in str(error.value)
+    assert listing(datasets) == []
+
+
+def test_ctrl_c_during_a_download_is_one_line_and_leaves_nothing(tmp_path):
+    with serve_endless(pause=0.1) as (base, requests):
+        process = subprocess.Popen(
+            [sys.executable, str(ROOT / "main.py"), "--data", "facades"], cwd=tmp_path,
+            env={**ENV, data.DATASET_URL_VARIABLE: f"{base}/{{name}}.zip"},
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 300
+        while not requests:
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+            time.sleep(0.2)
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+    assert process.returncode == 130 and err.strip() == "stopped (Ctrl-C)", err
+    assert listing(tmp_path / "datasets") == []
+
+
+@pytest.mark.parametrize("template", ["http://h/{}.zip", "http://h/{name}/{model}.zip",
+                                      "http://h/{name.zip"])
+def test_a_mirror_address_with_another_field_than_name_is_a_one_line_error(tmp_path, monkeypatch,
+                                                                           capsys, template):
+    monkeypatch.chdir(tmp_path)
+    use_hosts(monkeypatch, template)
+    assert data.DATASET_URL_VARIABLE in one_line_error(["--data", "facades"], capsys)

@@ -47,7 +47,7 @@ def uint8_image(height=30, width=50):
 
 def expected_uint8(generator_h5, pixels):
     out = models.translate_any_size(models.load_generator(generator_h5), pixels[0] / 127.5 - 1.0)
-    return export.to_uint8(out)
+    return np.asarray(export.to_uint8(out))
 
 
 def assert_uint8_close(got, expected):

@@ -114,12 +114,11 @@ def test_truth_files_need_every_name(tmp_path):
 
 # --- Inception -------------------------------------------------------------
 
-def test_failed_weight_download_is_a_reason_not_a_crash(monkeypatch):
-    import keras.src.utils.file_utils as file_utils
-
+def test_failed_weight_download_is_a_reason_not_a_crash(monkeypatch, tmp_path):
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")
-    monkeypatch.setattr(file_utils, "get_file", offline)
+    monkeypatch.setattr(data, "fetch", offline)
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(metrics.FeaturesUnavailable, match="network is unreachable.*--inception-weights"):
         metrics.load_inception()
 

@@ -4,6 +4,7 @@ The fixtures in tests/fixtures/official were written by
 tests/fixtures/make_official_fixtures.py from the official networks.py
 with random N(0, 0.02) weights; each .npz holds an input and PyTorch's output.
 """
+import io
 import os
 import pickle
 import zipfile
@@ -176,5 +177,75 @@ def test_unknown_pretrained_model_names_the_address_tried(tmp_path, monkeypatch,
     err = one_line_error(["translate", "--pretrained", "../etc", "--input", ".", "--output", "out"],
                          capsys)
     assert "monet2photo" in err
-    monkeypatch.setenv(pretrained.URL_VARIABLE, "http://127.0.0.1:1/model.pth")
-    assert "{name}" in one_line_error(["convert", "--pretrained", "x", "--output", "x.h5"], capsys)
+    for template in ("http://127.0.0.1:1/model.pth", "http://127.0.0.1:1/{model}.pth"):
+        monkeypatch.setenv(pretrained.URL_VARIABLE, template)
+        err = one_line_error(["convert", "--pretrained", "x", "--output", "x.h5"], capsys)
+        assert "{name}" in err and template in err
+
+
+def zip_pth(path, tensors, storage_bytes):
+    """A zip-format .pth of one float storage of `storage_bytes` and {name: (size, stride)}
+    tensors viewing it, pickled as torch.save pickles them, without PyTorch."""
+    import collections
+    import sys
+    import types
+    torch, utils = types.ModuleType("torch"), types.ModuleType("torch._utils")
+
+    class FloatStorage:
+        pass
+
+    def _rebuild_tensor_v2(*args):
+        pass
+    for module, function in ((torch, FloatStorage), (utils, _rebuild_tensor_v2)):
+        function.__module__, function.__qualname__ = module.__name__, function.__name__
+        setattr(module, function.__name__, function)
+
+    class Storage:
+        pass
+
+    class Tensor:
+        def __init__(self, size, stride):
+            self.size, self.stride = size, stride
+
+        def __reduce__(self):
+            return _rebuild_tensor_v2, (storage, 0, self.size, self.stride, False,
+                                        collections.OrderedDict())
+
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            if isinstance(obj, Storage):
+                return ("storage", FloatStorage, "0", "cpu", storage_bytes // 4)
+            return None
+
+    storage = Storage()
+    state = collections.OrderedDict((k, Tensor(*v)) for k, v in tensors.items())
+    buffer = io.BytesIO()
+    modules = {"torch": torch, "torch._utils": utils}
+    saved = {name: sys.modules.get(name) for name in modules}
+    sys.modules.update(modules)
+    try:
+        Pickler(buffer, protocol=2).dump(state)
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name)
+            else:
+                sys.modules[name] = module
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", buffer.getvalue())
+        archive.writestr("archive/data/0", bytes(storage_bytes))
+    return path
+
+
+def test_a_tensor_claiming_more_than_the_file_holds_is_a_one_line_error(tmp_path, capsys):
+    """Stride 0 lets 4 bytes claim 100000 x 100000 floats (37 GiB) that reading would copy out."""
+    bomb = zip_pth(tmp_path / "bomb.pth", {"model.1.weight": ((100_000, 100_000), (0, 0))}, 4)
+    assert bomb.stat().st_size < 1000
+    err = one_line_error(["convert", "--pth", bomb, "--output", tmp_path / "g.h5"], capsys)
+    assert "claim more bytes than the file has" in err and "bomb.pth" in err
+    many = zip_pth(tmp_path / "many.pth", {f"t{i}": ((256,), (1,)) for i in range(50)}, 1024)
+    with pytest.raises(pretrained.CheckpointError, match="claim more bytes"):  # one storage, shared
+        pretrained.read_pth(many)
+    fine = zip_pth(tmp_path / "fine.pth", {"a": ((2, 128), (128, 1))}, 1024)
+    assert pretrained.read_pth(fine)["a"].shape == (2, 128)
+    assert not (tmp_path / "g.h5").exists()

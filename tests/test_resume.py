@@ -1,4 +1,5 @@
 """Never lose a run: killed, interrupted and diverging runs, as real processes."""
+import re
 import subprocess
 import sys
 
@@ -131,3 +132,51 @@ def test_a_stop_at_an_epochs_last_step_still_writes_that_epoch(tmp_path, monkeyp
     assert sorted(p.name for p in (run / "models").iterdir()) == [
         "discriminatorA.h5", "discriminatorB.h5", "generatorAToB.h5", "generatorBToA.h5"]
     assert latest_checkpoint_step(run) == 8
+
+
+SMALL = ("--image-size", 32, "--filters", 4, "--res-blocks", 1, "--disc-filters", 4,
+         "--epochs", 50, "--checkpoint-every", 2)
+
+
+def test_a_dataset_moved_away_mid_run_ends_it_in_one_line_keeping_the_checkpoint(tmp_path):
+    tiny_data(tmp_path / "data")
+    process = start_cli("--data", "data", "--name", "v", *SMALL, cwd=tmp_path)
+    run = tmp_path / "results" / "v"
+    wait_for(run / "checkpoints" / "ckpt-2.index", process)
+    (tmp_path / "data").rename(tmp_path / "data_moved")
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 2, err
+    assert err.startswith("error: a training image can no longer be read (") and "data/train" in err
+    assert "moved, deleted or changed" in err and err.strip().count("\n") == 0, err
+    saved = latest_checkpoint_step(run)
+    assert saved >= 2
+    import tensorflow as tf
+    tf.train.load_checkpoint(tf.train.latest_checkpoint(str(run / "checkpoints")))
+
+
+def test_sigterm_while_the_input_is_stuck_ends_the_run_within_seconds(tmp_path):
+    """An image that became a pipe nobody writes to: reading it blocks inside TensorFlow."""
+    import os
+    import signal
+    import time
+    tiny_data(tmp_path / "data")
+    process = start_cli("--data", "data", "--name", "f", *SMALL, cwd=tmp_path)
+    run = tmp_path / "results" / "f"
+    wait_for(run / "checkpoints" / "ckpt-2.index", process)
+    for image in (tmp_path / "data" / "trainA").iterdir():
+        image.unlink()
+        os.mkfifo(image)
+    time.sleep(5)  # the batches read ahead are used up: the loop waits
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=tu_grace() + 60)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    # Stuck where the images are read: for a batch, or for a checkpoint of the input position.
+    assert re.fullmatch(r"SIGTERM: still waiting for (the next batch of training images|the "
+                        r"checkpoint to be written); stopped without a new checkpoint; the last "
+                        r"one is kept \(--resume continues from it\)", err.strip()), err
+    assert latest_checkpoint_step(run) >= 2
+
+
+def tu_grace():
+    import train_utils
+    return train_utils.StopOnSignal.GRACE_S

@@ -13,7 +13,8 @@ import models
 import train_utils as tu
 from config import UserError, make_config
 from conftest import ROOT, one_line_error, tiny_data
-from run_folder import MODEL_FILES, DamagedCheckpointWarning, RunCheckpoint, RunFolder
+from run_folder import (MODEL_FILES, DamagedCheckpointWarning, InputOrderWarning, RunCheckpoint,
+                        RunFolder)
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +121,24 @@ def test_a_failed_checkpoint_write_cleans_up_and_a_damaged_one_falls_back(tmp_pa
         path.write_bytes(b"")
     with pytest.warns(DamagedCheckpointWarning), pytest.raises(UserError, match="no checkpoint"):
         checkpoint.restore()
+
+
+def test_a_checkpoint_of_the_pipeline_that_dropped_images_resumes_in_a_new_order(tmp_path,
+                                                                                  monkeypatch):
+    """Runs saved while the input pipeline still dropped what it could not read resume."""
+    import tensorflow as tf
+    batch = tf.data.Dataset.batch
+    monkeypatch.setattr(tf.data.Dataset, "batch", lambda ds, *a, **k: batch(ds.ignore_errors(), *a, **k))
+    gan, checkpoint = small_gan_and_checkpoint(tmp_path)
+    for weight in gan.g_ab.weights:
+        weight.assign(weight + 1.0)
+    checkpoint.save(5)
+    monkeypatch.undo()
+    gan2, checkpoint2 = small_gan_and_checkpoint(tmp_path)
+    with pytest.warns(InputOrderWarning, match="ckpt-5"):
+        assert checkpoint2.restore() == 5
+    for x, y in zip(gan.g_ab.get_weights(), gan2.g_ab.get_weights()):
+        np.testing.assert_array_equal(x, y)
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16"])

@@ -1,3 +1,5 @@
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ import models
 import train_utils as tu
 from config import make_config
 from run_folder import MODEL_FILES, RunFolder
+from conftest import ENV, ROOT
 
 
 def test_image_pool_off_returns_the_new_fakes():
@@ -109,3 +112,39 @@ def test_bfloat16_learns_as_float32_and_saves_float32_models_that_load_in_plain_
     g = keras.models.load_model(folder.model("g_ab"), compile=False)
     np.testing.assert_allclose(g(a), gan.g_ab(a, training=False), atol=0.05)  # bfloat16's rounding
     assert gan.g_ab.compute_dtype == "bfloat16"  # the live networks keep training in bfloat16
+
+
+BLOCKED = f"""
+import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+import tensorflow as tf
+import train_utils as tu
+os.mkfifo("fifo")  # nothing ever writes to it: reading it blocks inside TensorFlow
+batches = iter(tf.data.Dataset.from_tensors("fifo").map(tf.io.read_file))
+with tu.StopOnSignal() as stop, stop.waiting("a file that never comes"):
+    print("waiting", flush=True)
+    next(batches)
+"""
+
+
+@pytest.mark.parametrize("signals, timeout, code, words", [
+    (["SIGTERM"], None, 143, "SIGTERM: still waiting for a file that never comes; stopped"),
+    (["SIGINT", "SIGINT"], None, 130, "SIGINT again: stopped at once"),
+    ([], "2", 2, "error: waited 2 s for a file that never comes (CYCLEGAN_TIMEOUT sets how long)"),
+])
+def test_a_wait_blocked_inside_tensorflow_still_ends_on_a_signal_or_its_deadline(
+        tmp_path, signals, timeout, code, words):
+    """A Python signal handler cannot run while the main thread blocks in TensorFlow."""
+    import signal
+    import time
+    env = {**ENV, "CYCLEGAN_TIMEOUT": timeout} if timeout else ENV
+    process = subprocess.Popen([sys.executable, "-c", BLOCKED], cwd=tmp_path, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout.readline() == "waiting\n", process.communicate()
+    for name in signals:
+        time.sleep(0.5)
+        process.send_signal(getattr(signal, name))
+    _, err = process.communicate(timeout=tu.StopOnSignal.GRACE_S + 30)
+    last = err.strip().splitlines()[-1]  # after TensorFlow's own start-up notes
+    assert process.returncode == code, err
+    assert last.startswith(words) and "without a new checkpoint; the last one is kept" in last, err
