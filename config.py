@@ -29,7 +29,8 @@ def setting(default, help, shown=None):
 class Config:
     # Run bookkeeping.
     name: str = setting("cyclegan", "run name: RESULTS_DIR/NAME, LOG_DIR/NAME", shown="dataset name")
-    data: str = setting("demo", "demo, photos, an official dataset or a folder with trainA/, trainB/")
+    data: str = setting("demo", "demo, photos, painterly, an official dataset or a folder with "
+                                 "trainA/, trainB/")
     preset: str = setting("book", "book (the chapter), paper (Zhu et al.) or fast (the study's best)")
     results_dir: str = setting("results", "where run folders go")
     log_dir: str = setting("logs", "where TensorBoard logs go")
@@ -65,6 +66,7 @@ class Config:
                                           "--lambda_identity 0.5 (relative to --lambda_A) is 5 here")
     lr: float = setting(2e-4, "Adam learning rate")
     beta1: float = setting(0.5, "Adam beta_1")
+    adam_epsilon: float = setting(1e-7, "Adam epsilon; 1e-8 is PyTorch's, as in the official code")
     batch_size: int = setting(1, "images per domain per step (per replica)")
     epochs: int = setting(200, "epochs at the constant learning rate (official --n_epochs)")
     decay_epochs: int = setting(0, "further epochs, the learning rate decaying linearly to 0 "
@@ -122,6 +124,7 @@ PAPER = Config(
     decay_epochs=100,
     pool_size=50,
     d_update="joint",
+    adam_epsilon=1e-8,
 )
 
 # The book's design with the changes `python main.py study` found to beat
@@ -171,6 +174,7 @@ MAX_IMAGE_SIZE = 1024
 NUMBER_RANGES = {
     "lr": (lambda v: 0 < v < float("inf"), "above 0 (and finite)"),
     "beta1": (lambda v: 0 <= v < 1, "from 0 up to, not including, 1"),
+    "adam_epsilon": (lambda v: 0 < v < 1, "above 0 and below 1"),
     "lambda_cycle": (lambda v: 0 <= v <= 1e4, "from 0 to 10000"),
     "lambda_identity": (lambda v: 0 <= v <= 1e4, "from 0 to 10000"),
 }

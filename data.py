@@ -610,6 +610,10 @@ PHOTO_NAMES = ("astronaut", "rocket", "stereo_motorcycle", "hubble_deep_field",
 PHOTO_TEST_COUNT = 2
 PHOTO_PATCH = 64              # pixels of each patch, cut from the photo at half size
 PHOTO_PATCHES = {"train": 64, "test": 24}   # per source photo, half to A, half to B
+# The painterly look: quadrants of PAINT_RADIUS + 1 pixels (at 64 px: strokes that survive
+# training at 32 px), and saturation times PAINT_SATURATION.
+PAINT_RADIUS = 3
+PAINT_SATURATION = 1.3
 
 
 def photo_grading(image):
@@ -629,8 +633,8 @@ def skimage_photos():
     try:
         import skimage.data
     except ImportError:
-        raise DataError("--data photos needs scikit-image (a development-only dependency): "
-                        "pip install scikit-image") from None
+        raise DataError("--data photos and --data painterly need scikit-image (a development-only "
+                        "dependency): pip install scikit-image") from None
     photos = {}
     for name in PHOTO_NAMES:
         image = getattr(skimage.data, name)()
@@ -647,13 +651,41 @@ def photo_patches(image, count, rng):
     return [half[y:y + PHOTO_PATCH, x:x + PHOTO_PATCH] for y, x in zip(ys, xs)]
 
 
-def make_photo_dataset(folder, photos=None):
-    """Write (once) patches of real photographs with photo_grading as the A->B truth.
+def painterly(image):
+    """The painterly dataset's known A->B mapping: an oil-paint look (uint8 in, uint8 out).
+
+    A Kuwahara filter (each pixel takes the mean colour of whichever of its
+    four overlapping quadrants is most uniform in luminance) flattens
+    texture into strokes while keeping edges, then saturation rises by
+    PAINT_SATURATION. Local and non-linear: no colour map of A reproduces it.
+    """
+    x = image.astype(np.float32) / 255.0
+    r, k = PAINT_RADIUS, PAINT_RADIUS + 1
+    padded = np.pad(x, ((r, r), (r, r), (0, 0)), mode="reflect")
+    luma = padded @ np.array([0.299, 0.587, 0.114], np.float32)
+
+    def box_mean(values):  # mean of every k x k window, indexed by its top-left corner
+        sums = np.pad(values, ((1, 0), (1, 0)) + ((0, 0),) * (values.ndim - 2)).cumsum(0).cumsum(1)
+        return (sums[k:, k:] - sums[:-k, k:] - sums[k:, :-k] + sums[:-k, :-k]) / (k * k)
+
+    means, variances = box_mean(padded), box_mean(luma ** 2) - box_mean(luma) ** 2
+    h, w = image.shape[:2]
+    corners = [(dy, dx) for dy in (0, r) for dx in (0, r)]  # the four quadrants of each pixel
+    variance = np.stack([variances[dy:dy + h, dx:dx + w] for dy, dx in corners])
+    colour = np.stack([means[dy:dy + h, dx:dx + w] for dy, dx in corners])
+    painted = np.take_along_axis(colour, variance.argmin(0)[None, ..., None], 0)[0]
+    grey = (painted @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
+    painted = np.clip(grey + PAINT_SATURATION * (painted - grey), 0.0, 1.0)
+    return np.round(painted * 255.0).astype(np.uint8)
+
+
+def make_photo_dataset(folder, photos=None, translation=photo_grading):
+    """Write (once) patches of real photographs with `translation` as the A->B truth.
 
     Train and test come from different photos; within a split, B holds
-    the grading of other patches than A (unpaired), and testA_truth/ the
-    grading of each testA patch. `photos` ({name: image}) defaults to
-    scikit-image's, in PHOTO_NAMES order; the last PHOTO_TEST_COUNT are test.
+    the translation of other patches than A (unpaired), and testA_truth/
+    the translation of each testA patch. `photos` ({name: image}) defaults
+    to scikit-image's, in PHOTO_NAMES order; the last PHOTO_TEST_COUNT are test.
     """
     def items():
         images = skimage_photos() if photos is None else photos
@@ -664,13 +696,19 @@ def make_photo_dataset(folder, photos=None):
             for name in split_names:
                 patches = photo_patches(images[name], PHOTO_PATCHES[split], rng)
                 for i, (patch_a, patch_b) in enumerate(zip(patches[::2], patches[1::2])):
-                    truth = photo_grading(patch_a) if split == "test" else None
-                    yield split, f"{name}_{i:03d}.png", patch_a, photo_grading(patch_b), truth
+                    truth = translation(patch_a) if split == "test" else None
+                    yield split, f"{name}_{i:03d}.png", patch_a, translation(patch_b), truth
     return write_paired_dataset(folder, items())
 
 
+def make_painterly_dataset(folder, photos=None):
+    """Write (once) the photo dataset's patches with `painterly` as the A->B truth."""
+    return make_photo_dataset(folder, photos, painterly)
+
+
 # Datasets made on the spot, by --data name: a new source is a function and a line here.
-GENERATED_DATASETS = {"demo": make_demo_dataset, "photos": make_photo_dataset}
+GENERATED_DATASETS = {"demo": make_demo_dataset, "photos": make_photo_dataset,
+                      "painterly": make_painterly_dataset}
 
 
 def write_png(path, image):

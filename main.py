@@ -52,11 +52,13 @@ def add_evaluate_flags(parser):
 def add_study_flags(parser):
     # Defaults live in study.py, imported only once TensorFlow is (quietly).
     parser.add_argument("--datasets", nargs="+",
-                        help="datasets with a paired truth (default: demo photos)")
+                        help="datasets with a paired truth (default: photos painterly)")
     parser.add_argument("--variants", nargs="+", help="variants to train (default: all; see docs/study.md)")
     parser.add_argument("--steps", type=int, help="training steps per variant (default: 160)")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", default="auto", choices=config.CHOICES["precision"],
+                        help="compute dtype, as for train (auto: bfloat16 where native)")
 
 
 def build_parser():

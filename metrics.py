@@ -81,6 +81,20 @@ def image_scores(g_ab, g_ba, batches_a, batches_b):
     return {name: float(np.mean(np.concatenate(v))) for name, v in per_image.items()}
 
 
+def colour_map_psnr(batches):
+    """Mean PSNR against the truth of the best global colour map of A: the 3x3 matrix and
+    offset that least squares fits to the truth of all `batches` ((images, truth)) at once.
+
+    An oracle (it sees the truth) for what a purely colour-level translation can reach.
+    """
+    images, truths = (to_unit(np.concatenate(part)) for part in zip(*batches))
+    pixels = images.reshape(-1, 3)
+    affine = np.concatenate([pixels, np.ones((len(pixels), 1), pixels.dtype)], 1)
+    fit, *_ = np.linalg.lstsq(affine, truths.reshape(-1, 3), rcond=None)
+    mapped = np.clip(affine @ fit, 0.0, 1.0).reshape(images.shape)
+    return float(np.mean(psnr(mapped, truths)))
+
+
 def truth_files(files):
     """The paired truth of images in FOLDER: FOLDER_truth/ with the same names, or None."""
     folder = Path(files[0]).parent

@@ -208,7 +208,7 @@ def receptive_field(model):
 
 def make_optimizer(cfg):
     # One per compiled model: Keras 3 refuses an optimizer shared by several.
-    return keras.optimizers.Adam(cfg.lr, beta_1=cfg.beta1)
+    return keras.optimizers.Adam(cfg.lr, beta_1=cfg.beta1, epsilon=cfg.adam_epsilon)
 
 
 class KeepLatest(layers.Layer):

@@ -3,8 +3,9 @@
 Each variant is the book preset with one setting changed (or a whole
 preset), trained for the same number of steps with the same seed on a
 dataset with a paired truth, then scored as `evaluate` scores a run:
-the PSNR gain of G_AB(A) over A itself against the truth, cycle L1,
-and seconds per training step.
+the PSNR gain of G_AB(A) over A itself against the truth, its PSNR
+over the best global colour map fitted to that truth, cycle L1, and
+seconds per training step.
 """
 import time
 
@@ -30,16 +31,18 @@ VARIANTS = {
     "paper": ("paper", {}),
     "fast": ("fast", {}),
 }
-DATASETS = ("demo", "photos")
+# A global colour change and a local, painterly one (data.photo_grading, data.painterly).
+DATASETS = ("photos", "painterly")
 DEFAULT_STEPS = 160
 
 
-def variant_config(name, image_size, seed):
-    """The Config of one variant at the study's image size and seed."""
+def variant_config(name, image_size, seed, precision="auto"):
+    """The Config of one variant at the study's image size, seed and precision."""
     if name not in VARIANTS:
         raise config.UserError(f"unknown study variant {name!r}; choose from {', '.join(VARIANTS)}")
     preset, overrides = VARIANTS[name]
-    return config.make_config(preset, image_size=image_size, seed=seed, **overrides)
+    return config.make_config(preset, image_size=image_size, seed=seed, precision=precision,
+                              **overrides)
 
 
 def train_steps(gan, pools, batches, cfg, steps):
@@ -68,7 +71,8 @@ def compiled(model, training):
 
 
 def study_data(root, image_size):
-    """(train files A, train files B), (test batches A with truth, test batches B) of one dataset.
+    """(train files A, train files B), (test batches A with truth, test batches B) and the
+    PSNR of the colour-map oracle (metrics.colour_map_psnr) of one dataset.
 
     Read once for the whole study: every variant trains and scores on the same files.
     """
@@ -79,11 +83,13 @@ def study_data(root, image_size):
                              f"{root} has no testA_truth/")
     test = (list(metrics.file_batches(files_a, image_size, truth)),
             list(metrics.file_batches(files_b, image_size)))
-    return tuple(data.domain_files(root, "train", d) for d in "AB"), test
+    return (tuple(data.domain_files(root, "train", d) for d in "AB"), test,
+            metrics.colour_map_psnr(test[0]))
 
 
-def score(generators, test):
-    """Gain over doing nothing (inference and training mode) and cycle L1 on the test batches.
+def score(generators, test, colour_map_psnr):
+    """Gain over doing nothing (inference and training mode), over the colour-map oracle,
+    and cycle L1 on the test batches.
 
     generators: {training: (G_AB, G_BA)} as `compiled` calls.
     """
@@ -91,9 +97,10 @@ def score(generators, test):
     scores = metrics.image_scores(*generators[False], batches_a, batches_b)
     train_mode = metrics.image_scores(*generators[True], batches_a, [])
     return {"gain_dB": scores["truth_PSNR"] - scores["baseline_PSNR"],
+            "over_colour_map_dB": scores["truth_PSNR"] - colour_map_psnr,
             "train_mode_gain_dB": train_mode["truth_PSNR"] - train_mode["baseline_PSNR"],
             "cycle_L1": (scores["cycle_L1_A"] + scores["cycle_L1_B"]) / 2,
-            "baseline_PSNR": scores["baseline_PSNR"]}
+            "baseline_PSNR": scores["baseline_PSNR"], "colour_map_PSNR": colour_map_psnr}
 
 
 class StartingPoint:
@@ -116,16 +123,16 @@ class StartingPoint:
             variable.assign(value)
 
 
-def run_variant(name, datasets, image_size, steps, seed):
+def run_variant(name, datasets, image_size, steps, seed, precision="auto"):
     """Train one variant from scratch on each dataset and score it on that dataset's test split.
 
     `datasets` maps names to `study_data`. Yields (dataset, row) as each
     finishes. Every dataset starts from the same freshly seeded networks,
     restored rather than rebuilt, and is scored through the same traced calls.
     """
-    cfg = variant_config(name, image_size, seed)
+    cfg = variant_config(name, image_size, seed, precision)
     gan = start = generators = None
-    for dataset, (train_files, test) in datasets.items():
+    for dataset, (train_files, test, colour_map_psnr) in datasets.items():
         if gan is None:
             gan, pools, batches = tu.start_run(cfg, *train_files)
             start = StartingPoint(gan)
@@ -135,35 +142,37 @@ def run_variant(name, datasets, image_size, steps, seed):
             start.restore()
             pools, batches = tu.start_data(cfg, *train_files)
         seconds = train_steps(gan, pools, batches, cfg, steps)
-        yield dataset, {**score(generators, test), "s_per_step": seconds}
+        yield dataset, {**score(generators, test, colour_map_psnr), "s_per_step": seconds}
 
 
 def format_row(dataset, name, row):
-    return (f"{dataset:<8} {name:<24} {row['gain_dB']:>+8.2f} {row['train_mode_gain_dB']:>+10.2f} "
-            f"{row['cycle_L1']:>8.3f} {row['s_per_step']:>7.3f}")
+    return (f"{dataset:<9} {name:<24} {row['gain_dB']:>+8.2f} {row['train_mode_gain_dB']:>+10.2f} "
+            f"{row['over_colour_map_dB']:>+10.2f} {row['cycle_L1']:>8.3f} {row['s_per_step']:>7.3f}")
 
 
-HEADER = (f"{'dataset':<8} {'variant':<24} {'gain dB':>8} {'train-mode':>10} "
-          f"{'cycle L1':>8} {'s/step':>7}")
+HEADER = (f"{'dataset':<9} {'variant':<24} {'gain dB':>8} {'train-mode':>10} "
+          f"{'colour-map':>10} {'cycle L1':>8} {'s/step':>7}")
 
 
 def run_study(datasets=DATASETS, variants=tuple(VARIANTS), image_size=32, steps=DEFAULT_STEPS, seed=0,
-              datasets_dir="datasets"):
+              datasets_dir="datasets", precision="auto"):
     """Every variant on every dataset, a row printed as each finishes; returns the rows."""
     for name in variants:
-        variant_config(name, image_size, seed)  # a typo fails before any training
+        variant_config(name, image_size, seed, precision)  # a typo fails before any training
     # A dataset without a truth fails here, before any training.
     prepared = {d: study_data(data.resolve_dataset(d, datasets_dir), image_size) for d in datasets}
     print(f"Study: {len(variants)} variant(s) x {len(datasets)} dataset(s), {steps} steps each at "
-          f"{image_size} px, seed {seed}. gain = PSNR of G_AB(A) minus PSNR of A itself against "
-          "the truth (positive: better than doing nothing); train-mode = the same with BatchNorm "
-          "in training mode.", flush=True)
+          f"{image_size} px, seed {seed}, precision {precision}. gain = PSNR of G_AB(A) minus PSNR "
+          "of A itself against the truth (positive: better than doing nothing); train-mode = the "
+          "same with BatchNorm in training mode; colour-map = PSNR of G_AB(A) minus that of the "
+          "best global colour map fitted to the truth (positive: more than a colour change).",
+          flush=True)
     print(HEADER, flush=True)
     rows = []
     start = time.perf_counter()
     # Variant by variant, so a study stopped early still compares both datasets.
     for name in variants:
-        for dataset, row in run_variant(name, prepared, image_size, steps, seed):
+        for dataset, row in run_variant(name, prepared, image_size, steps, seed, precision):
             rows.append((dataset, name, row))
             print(format_row(dataset, name, row), flush=True)
     print_summary(rows)
@@ -172,15 +181,19 @@ def run_study(datasets=DATASETS, variants=tuple(VARIANTS), image_size=32, steps=
 
 
 def print_summary(rows):
-    """The whole table again, dataset by dataset, with each dataset's do-nothing PSNR."""
+    """The whole table again, dataset by dataset, with each dataset's do-nothing PSNR and
+    its colour-map oracle's."""
     datasets = list(dict.fromkeys(d for d, _, _ in rows))
     print("\n" + HEADER)
     for dataset in datasets:
         for name, row in ((n, r) for d, n, r in rows if d == dataset):
             print(format_row(dataset, name, row))
     for dataset in datasets:
-        baseline = next(r["baseline_PSNR"] for d, _, r in rows if d == dataset)
-        print(f"{dataset}: doing nothing scores {baseline:.2f} dB PSNR against the truth")
+        row = next(r for d, _, r in rows if d == dataset)
+        baseline, oracle = row["baseline_PSNR"], row["colour_map_PSNR"]
+        print(f"{dataset}: doing nothing scores {baseline:.2f} dB PSNR against the truth; the best "
+              f"global colour map fitted to the truth scores {oracle:.2f} dB (gain "
+              f"{oracle - baseline:+.2f} dB)")
 
 
 def command(args):
@@ -189,4 +202,4 @@ def command(args):
     if steps < 2:
         raise config.UserError(f"--steps must be at least 2, got {steps}")
     run_study(args.datasets or DATASETS, args.variants or tuple(VARIANTS), args.image_size, steps,
-              args.seed)
+              args.seed, precision=args.precision)

@@ -137,10 +137,23 @@ def page_links(page):
 
 
 @contextlib.contextmanager
+def loopback_server(handler):
+    """A threaded HTTP server on 127.0.0.1 answering with `handler`; yields its base address."""
+    import http.server
+    import threading
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@contextlib.contextmanager
 def serve_folder(folder):
     """An HTTP server on 127.0.0.1 serving `folder`; yields (base address, paths requested)."""
     import http.server
-    import threading
     requests = []
 
     class Handler(http.server.SimpleHTTPRequestHandler):
@@ -150,13 +163,8 @@ def serve_folder(folder):
         def log_message(self, *args):
             requests.append(self.path)
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", requests
-    finally:
-        server.shutdown()
-        server.server_close()
+    with loopback_server(Handler) as address:
+        yield address, requests
 
 
 @contextlib.contextmanager
@@ -187,11 +195,8 @@ def serve_endless(pause=0.0, announce=None):
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", requests
-    finally:
-        stop.set()
-        server.shutdown()
-        server.server_close()
+    with loopback_server(Handler) as address:
+        try:
+            yield address, requests
+        finally:
+            stop.set()  # before the server closes: it waits for its answers to end

@@ -9,6 +9,7 @@ from PIL import Image
 import tensorflow as tf
 
 import data
+import metrics
 from config import make_config
 from conftest import within, write_images
 
@@ -100,18 +101,25 @@ def test_demo_dataset_is_deterministic_with_a_known_truth(tmp_path):
 
 
 def stand_in_photos():
-    """Three small 'photos' of distinct flat colours, so a patch tells its source."""
-    return {name: np.full((200, 240, 3), level, np.uint8)
+    """Three small 'photos' of distinct flat colours, so a patch tells its source by its red."""
+    return {name: np.full((200, 240, 3), stand_in_colour(level), np.uint8)
             for name, level in (("one", 30), ("two", 120), ("three", 210))}
+
+
+def stand_in_colour(red):
+    return red, red // 2, red // 4
 
 
 def pixel_levels(folder):
     return {int(np.asarray(Image.open(p))[0, 0, 0]) for p in folder.iterdir()}
 
 
-def test_photo_dataset_splits_by_photo_with_graded_truth(tmp_path, monkeypatch):
+@pytest.mark.parametrize("make, translation", [(data.make_photo_dataset, data.photo_grading),
+                                               (data.make_painterly_dataset, data.painterly)])
+def test_photo_datasets_split_by_photo_with_their_translation_as_truth(tmp_path, monkeypatch,
+                                                                       make, translation):
     monkeypatch.setattr(data, "PHOTO_TEST_COUNT", 1)
-    root = data.make_photo_dataset(tmp_path / "photos", stand_in_photos())
+    root = make(tmp_path / "photos", stand_in_photos())
     names = {sub: sorted(p.name for p in (root / sub).iterdir())
              for sub in ("trainA", "trainB", "testA", "testB", "testA_truth")}
     assert len(names["trainA"]) == len(names["trainB"]) == 2 * data.PHOTO_PATCHES["train"] // 2
@@ -124,9 +132,10 @@ def test_photo_dataset_splits_by_photo_with_graded_truth(tmp_path, monkeypatch):
         a = np.asarray(Image.open(root / "testA" / name))
         assert a.shape == (data.PHOTO_PATCH, data.PHOTO_PATCH, 3)
         np.testing.assert_array_equal(np.asarray(Image.open(root / "testA_truth" / name)),
-                                      data.photo_grading(a))
-    graded = data.photo_grading(np.full((1, 1, 3), 210, np.uint8))
-    assert pixel_levels(root / "testB") == {int(graded[0, 0, 0])}  # B is graded, not raw
+                                      translation(a))
+    translated = int(translation(np.full((1, 1, 3), stand_in_colour(210), np.uint8))[0, 0, 0])
+    assert pixel_levels(root / "testB") == {translated} != {210}  # B is translated, not raw
+    assert (root / data.GENERATED_MARK).is_file()
     assert not (tmp_path / "photos.partial").exists()
 
 
@@ -137,10 +146,31 @@ def test_photo_grading_is_a_real_change_of_colour():
     assert np.abs(graded.astype(int) - image).mean() > 20
 
 
-def test_photos_without_scikit_image_is_a_one_line_error(tmp_path, monkeypatch):
+def textured(size=64):
+    """Smooth colour gradients under fine noise: detail a paint filter flattens."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    base = np.stack([60 + 120 * xx, 80 + 100 * yy, 150 - 80 * xx * yy], -1)
+    return np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+
+
+def test_painterly_flattens_detail_that_no_colour_map_reproduces():
+    image = textured()
+    painted = data.painterly(image)
+    assert painted.dtype == np.uint8 and painted.shape == image.shape
+    detail = lambda x: np.abs(np.diff(x.astype(float), axis=1)).mean()
+    assert detail(painted) < detail(image) / 2
+    as_batch = lambda x: (x[None].astype(np.float32) / 127.5 - 1,)
+    colour_map = metrics.colour_map_psnr([as_batch(image) + as_batch(painted)])
+    graded = metrics.colour_map_psnr([as_batch(image) + as_batch(data.photo_grading(image))])
+    assert colour_map < 30 < graded  # the grading is (nearly) a colour map, the paint is not
+
+
+def test_photo_datasets_without_scikit_image_are_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "skimage", None)  # import skimage now fails
-    with pytest.raises(data.DataError, match="needs scikit-image"):
-        data.resolve_dataset("photos", tmp_path)
+    for name in ("photos", "painterly"):
+        with pytest.raises(data.DataError, match="needs? scikit-image"):
+            data.resolve_dataset(name, tmp_path)
 
 
 def test_bad_dataset_paths_are_one_line_errors(tmp_path, tiny_dataset):

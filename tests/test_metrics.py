@@ -152,3 +152,14 @@ def test_distribution_scores_compare_translated_with_real_features(tmp_path):
     assert scores["KID_B"] == pytest.approx(metrics.kid(feats(-a), feats(b)), rel=1e-4)
     assert scores["FID_A"] == pytest.approx(metrics.fid(feats(0.5 * b), feats(a)), rel=1e-4)
     assert scores["KID_A"] == pytest.approx(metrics.kid(feats(0.5 * b), feats(a)), rel=1e-4)
+
+
+def test_colour_map_oracle_recovers_a_global_colour_change_and_not_a_local_one():
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0.2, 0.8, (3, 16, 16, 3)).astype(np.float32)
+    mix = np.array([[0.6, 0.3, 0.0], [0.1, 0.7, 0.1], [0.2, 0.0, 0.5]], np.float32)
+    as_net = lambda x: x * 2 - 1
+    recoloured = images @ mix.T + 0.1
+    assert metrics.colour_map_psnr([(as_net(images), as_net(recoloured))]) > 60
+    shifted = np.roll(recoloured, 1, axis=2)  # every pixel takes its neighbour's colour
+    assert metrics.colour_map_psnr([(as_net(images), as_net(shifted))]) < 25

@@ -3,9 +3,13 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT, run_cli, tiny_data
 
+import config
 import main
+import models
 
 
 def test_summary_of_the_paper_preset_matches_the_official_implementation(capsys):
@@ -36,3 +40,9 @@ def test_paper_preset_trains_saves_and_reloads_with_one_import(tmp_path):
                                  capture_output=True, text=True)
     assert with_import.returncode == 0, with_import.stderr
     assert "(1, 200, 300, 3)" in with_import.stdout
+
+
+def test_paper_preset_steps_with_the_official_adam_epsilon():
+    # PyTorch's Adam adds 1e-8 to the root of the second moment, Keras's 1e-7.
+    assert models.make_optimizer(config.make_config("paper")).epsilon == pytest.approx(1e-8)
+    assert models.make_optimizer(config.make_config("book")).epsilon == pytest.approx(1e-7)

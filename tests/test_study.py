@@ -38,15 +38,36 @@ def test_study_command_prints_a_row_per_variant_and_dataset_with_its_numbers(tmp
     result = run_cli("study", "--datasets", "demo", "datasets/demo", "--variants", "fast",
                      "--steps", 2, cwd=tmp_path)
     number = r"\s+([+-]?\d+\.\d+)"
-    rows = [re.match(rf"(demo|datasets/demo)\s+fast{number * 4}$", line)
+    rows = [re.match(rf"(demo|datasets/demo)\s+fast{number * 5}$", line)
             for line in result.stdout.splitlines()]
     rows = [row.groups() for row in rows if row]
     assert [row[0] for row in rows] == ["demo", "datasets/demo"] * 2  # as it goes, then the table
     by_name, by_path = rows[:2]
-    assert by_name[1:4] == by_path[1:4]  # same data, same start: same scores
+    assert by_name[1:5] == by_path[1:5]  # same data, same start: same scores
     assert "demo: doing nothing scores" in result.stdout
     assert re.search(r"^2 run\(s\) in \d+\.\d minutes$", result.stdout, re.M)
     assert (tmp_path / "datasets" / "demo" / "testA_truth").is_dir()
+
+
+def test_study_runs_on_both_photo_datasets_and_scores_against_the_colour_map_oracle(
+        tmp_path, monkeypatch, capsys):
+    # Stand-ins for scikit-image's photos: two textured images, one for each split.
+    rng = np.random.default_rng(0)
+    photos = {name: rng.integers(0, 256, (160, 160, 3), dtype=np.uint8) for name in ("one", "two")}
+    monkeypatch.setattr(data, "skimage_photos", lambda: photos)
+    monkeypatch.setattr(data, "PHOTO_TEST_COUNT", 1)
+    monkeypatch.setattr(data, "PHOTO_PATCHES", {"train": 4, "test": 4})
+    rows = study.run_study(study.DATASETS, ["fast"], steps=2, datasets_dir=tmp_path)
+    assert [(d, n) for d, n, _ in rows] == [("photos", "fast"), ("painterly", "fast")]
+    out = capsys.readouterr().out
+    for dataset, _, row in rows:
+        assert (tmp_path / dataset / "testA_truth").is_dir()
+        oracle_gain = row["colour_map_PSNR"] - row["baseline_PSNR"]
+        assert row["gain_dB"] - row["over_colour_map_dB"] == pytest.approx(oracle_gain, abs=1e-4)
+        assert (f"{dataset}: doing nothing scores {row['baseline_PSNR']:.2f} dB PSNR against the "
+                f"truth; the best global colour map fitted to the truth scores "
+                f"{row['colour_map_PSNR']:.2f} dB (gain {oracle_gain:+.2f} dB)\n") in out
+        assert study.format_row(dataset, "fast", row) in out.splitlines()
 
 
 def test_study_steps_below_two_is_a_one_line_error(capsys):
