@@ -140,7 +140,6 @@ def page_links(page):
 def serve_folder(folder):
     """An HTTP server on 127.0.0.1 serving `folder`; yields (base address, paths requested)."""
     import http.server
-    import threading
     requests = []
 
     class Handler(http.server.SimpleHTTPRequestHandler):
@@ -150,10 +149,19 @@ def serve_folder(folder):
         def log_message(self, *args):
             requests.append(self.path)
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    with loopback_server(Handler) as base:
+        yield base, requests
+
+
+@contextlib.contextmanager
+def loopback_server(handler):
+    """An HTTP server on 127.0.0.1 answering with `handler`; yields its base address."""
+    import http.server
+    import threading
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", requests
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
@@ -187,11 +195,8 @@ def serve_endless(pause=0.0, announce=None):
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", requests
-    finally:
-        stop.set()
-        server.shutdown()
-        server.server_close()
+    with loopback_server(Handler) as base:
+        try:
+            yield base, requests
+        finally:
+            stop.set()  # the endless answers end before the server closes
