@@ -362,8 +362,9 @@ def decoded_copy(image):
             with atomic_write(copy) as tmp:
                 write_png(tmp, pixels)
         except (OSError, tf.errors.OpError) as error:
-            raise DataError(f"cannot write the decoded copy of {image!a} into {copy.parent} "
-                            f"({one_line(error)})") from None
+            if not copy.is_file():  # not written meanwhile by another run
+                raise DataError(f"cannot write the decoded copy of {image!a} into {copy.parent} "
+                                f"({one_line(error)})") from None
     return ImageFile(image, 1, decoded=str(copy))
 
 

@@ -127,10 +127,11 @@ def join_workers():
     workers, me = config
     others = {name: address for name, address in workers.items() if name != me}
     seconds = wait_timeout()
-    print(f"Waiting for {', '.join(f'{n} at {a}' for n, a in others.items()) or 'no one'} "
-          f"(this is {me} at {workers[me]}), at most {seconds:g} s ({TIMEOUT_VARIABLE})", flush=True)
     try:
         with watchdog(seconds, others):
+            print(f"Waiting for {', '.join(f'{n} at {a}' for n, a in others.items()) or 'no one'} "
+                  f"(this is {me} at {workers[me]}), at most {seconds:g} s ({TIMEOUT_VARIABLE})",
+                  flush=True)
             return tf.distribute.MultiWorkerMirroredStrategy()
     except tf.errors.OpError as error:
         raise UserError(f"could not join the workers of TF_CONFIG ({op_error_text(error)})") from None

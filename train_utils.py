@@ -252,7 +252,7 @@ class StopOnSignal:
         self.timeout_s = machine.wait_timeout()
         self.signals = []   # (signal, when) as the watcher received them
         self.wait = None    # (what, since) of the wait the main thread is in
-        self.waited = {}    # what: how long each wait for it took
+        self.longest = {}   # what: the longest wait for it but the first, which includes tracing
         self.previous = {sig: signal.signal(sig, self.request) for sig in STOP_SIGNALS}
         self.reader, self.writer = os.pipe()
         os.set_blocking(self.writer, False)
@@ -281,7 +281,8 @@ class StopOnSignal:
             yield
         finally:
             self.wait = None
-            self.waited.setdefault(what, []).append(time.monotonic() - since)
+            took = time.monotonic() - since
+            self.longest[what] = max(self.longest[what], took) if what in self.longest else 0.0
 
     def waiting_for_workers(self, strategy):
         """`waiting` for the other workers, whose collective ops a step or a stop waits on."""
@@ -303,16 +304,16 @@ class StopOnSignal:
         if len(self.signals) > 1:
             sig = self.signals[1][0]
             self.end(f"{sig.name} again: stopped at once", 128 + sig)
-        if self.wait is None:
+        wait = self.wait  # read once: the main thread may end it meanwhile
+        if wait is None:
             return
-        what, since = self.wait
+        what, since = wait
         if now - since > self.timeout_s:
             self.end(f"error: waited {self.timeout_s:g} s for {what} ({machine.TIMEOUT_VARIABLE} "
                      "sets how long); stopped", 2)
         if self.signals:
             sig, when = self.signals[0]
-            earlier = self.waited.get(what, [])[1:]  # the first of each includes tracing
-            if now - max(since, when) > self.GRACE_S + 2 * max(earlier, default=0):
+            if now - max(since, when) > self.GRACE_S + 2 * self.longest.get(what, 0.0):
                 self.end(f"{sig.name}: still waiting for {what}; stopped", 128 + sig)
 
     @staticmethod

@@ -329,10 +329,13 @@ def test_to_unit_maps_network_range_to_display_range():
 
 def only_pillow_decodes(folder):
     """White images TensorFlow's decoder cannot read, as real folders hold them: an AVIF
-    named .jpg (as web downloads often are), a TIFF named .png and a 1-bit BMP."""
+    named .jpg (as web downloads often are; where this Pillow writes AVIF), a TIFF named .png
+    and a 1-bit BMP."""
+    from PIL import features
     folder.mkdir(parents=True)
     white = Image.new("RGB", (40, 40), "white")
-    white.save(folder / "web.jpg", "AVIF")
+    if features.check("avif"):
+        white.save(folder / "web.jpg", "AVIF")
     white.save(folder / "scan.png", "TIFF")
     white.convert("1").save(folder / "fax.bmp")
     for path in folder.iterdir():
@@ -350,13 +353,13 @@ def test_images_only_pillow_decodes_are_trained_on_from_copies_outside_the_users
     files_a = data.domain_files(tmp_path / "data", "train", "A")
     assert sorted(os.path.basename(f) for f in files_a) == sorted(before)
     copies = {p: p.stat().st_mtime_ns for p in (tmp_path / data.DECODED_DIR).iterdir()}
-    assert len(copies) == 3
+    assert len(copies) == len(before)
     batches = iter(data.train_dataset(files_a, data.domain_files(tmp_path / "data", "train", "B"),
                                       make_config(image_size=32)))
     for _ in range(3):  # the whole domain: before, the pipeline dropped each and never returned
         batch_a, _ = within(60, data.next_batch, batches)
         assert batch_a.numpy().min() > 0.9  # white: the images themselves
-    assert data.read_image(tmp_path / "data" / "trainA" / "web.jpg").min() > 0.9  # translate
+    assert data.read_image(tmp_path / "data" / "trainA" / "scan.png").min() > 0.9  # translate
     assert {p.name: p.read_bytes() for p in (tmp_path / "data" / "trainA").iterdir()} == before
     data.domain_files(tmp_path / "data", "train", "A")  # decoded once: the copies are reused
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / data.DECODED_DIR).iterdir()} == copies

@@ -112,18 +112,39 @@ def free_ports(count):
     return ports
 
 
+def worker_env(ports, index):
+    """The environment of worker `index` of a cluster on loopback `ports`."""
+    cluster = {"worker": [f"localhost:{p}" for p in ports]}
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "3",
+            "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
+
+
 def start_workers(tmp_path, ports, flags):
     """Two training processes, each with its own TF_CONFIG and folder, as on two machines."""
-    cluster = {"worker": [f"localhost:{p}" for p in ports]}
-    workers = []
+    return [subprocess.Popen(
+        [sys.executable, "-c", WORKER, str(tmp_path / f"weights{index}.npz")] + flags[index],
+        cwd=tmp_path / f"machine{index}", env=worker_env(ports, index), text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for index in range(2)]
+
+
+def training_flags(tmp_path, name, epochs):
+    """Tiny data on a path both machines share, a folder for each; their common flags."""
+    for i, sub in enumerate(("trainA", "trainB")):
+        write_images(tmp_path / "data" / sub, 4, size=40, seed=i)
     for index in range(2):
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "3",
-               "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
-        workers.append(subprocess.Popen(
-            [sys.executable, "-c", WORKER, str(tmp_path / f"weights{index}.npz")] + flags[index],
-            cwd=tmp_path / f"machine{index}", env=env, text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    return workers
+        (tmp_path / f"machine{index}").mkdir()
+    return ["--data", str(tmp_path / "data"), "--image-size", "32", "--filters", "4",
+            "--res-blocks", "1", "--epochs", str(epochs), "--strategy", "multiworker", "--name", name]
+
+
+def read_until(process, text):
+    """The process's output up to the line that holds `text`."""
+    seen = ""
+    while text not in seen:
+        line = process.stdout.readline()
+        assert line, seen
+        seen += line
+    return seen
 
 
 def finish(workers):
@@ -134,19 +155,10 @@ def finish(workers):
 
 
 def test_two_workers_train_in_step_stop_together_and_resume(tmp_path):
-    for i, sub in enumerate(("trainA", "trainB")):
-        write_images(tmp_path / "data" / sub, 4, size=40, seed=i)
-    for index in range(2):
-        (tmp_path / f"machine{index}").mkdir()
-    flags = ["--data", str(tmp_path / "data"), "--image-size", "32", "--filters", "4",
-             "--res-blocks", "1", "--epochs", "3", "--strategy", "multiworker", "--name", "mw"]
+    flags = training_flags(tmp_path, "mw", 3)
     # A stop (SIGTERM to both, as a cluster manager sends it) during the second epoch.
     workers = start_workers(tmp_path, free_ports(2), [flags, flags])
-    seen = ""
-    while "Epoch 2/3" not in seen:
-        line = workers[0].stdout.readline()
-        assert line, seen
-        seen += line
+    read_until(workers[0], "Epoch 2/3")
     for worker in workers:
         worker.send_signal(signal.SIGTERM)
     outputs = finish(workers)
@@ -179,9 +191,7 @@ def lone_worker(tmp_path, timeout=None):
     for i, sub in enumerate(("trainA", "trainB")):
         write_images(tmp_path / "data" / sub, 2, size=40, seed=i)
     ports = free_ports(2)
-    cluster = {"worker": [f"localhost:{p}" for p in ports]}
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "3",
-           "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}})}
+    env = worker_env(ports, 0)
     if timeout:
         env["CYCLEGAN_TIMEOUT"] = timeout
     process = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "--data", "data",
@@ -226,22 +236,12 @@ with tu.StopOnSignal() as stop, stop.waiting_for_workers(strategy):
 
 def test_ctrl_c_ends_a_worker_blocked_in_an_all_reduce_its_peer_never_joins(tmp_path):
     ports = free_ports(2)
-    cluster = {"worker": [f"localhost:{p}" for p in ports]}
-    workers = []
+    workers = [subprocess.Popen([sys.executable, "-c", COLLECTIVE, str(index)], cwd=tmp_path,
+                                env=worker_env(ports, index), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE) for index in range(2)]
     try:
-        for index in range(2):
-            env = {**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "3",
-                   "TF_CONFIG": json.dumps({"cluster": cluster,
-                                            "task": {"type": "worker", "index": index}})}
-            workers.append(subprocess.Popen([sys.executable, "-c", COLLECTIVE, str(index)],
-                                            cwd=tmp_path, env=env, text=True,
-                                            stdout=subprocess.PIPE, stderr=subprocess.PIPE))
         for worker in workers:
-            seen = ""
-            while not seen.endswith("ready\n"):  # after the line naming whom it waits for
-                line = worker.stdout.readline()
-                assert line, seen
-                seen += line
+            read_until(worker, "ready")
         time.sleep(1)  # worker 0 is in the all-reduce, inside TensorFlow
         workers[0].send_signal(signal.SIGINT)
         _, err = workers[0].communicate(timeout=StopOnSignal.GRACE_S + 30)
@@ -254,20 +254,11 @@ def test_ctrl_c_ends_a_worker_blocked_in_an_all_reduce_its_peer_never_joins(tmp_
 
 
 def test_a_worker_that_dies_mid_run_is_named_in_one_line(tmp_path):
-    for i, sub in enumerate(("trainA", "trainB")):
-        write_images(tmp_path / "data" / sub, 4, size=40, seed=i)
-    for index in range(2):
-        (tmp_path / f"machine{index}").mkdir()
-    flags = ["--data", str(tmp_path / "data"), "--image-size", "32", "--filters", "4",
-             "--res-blocks", "1", "--epochs", "50", "--strategy", "multiworker", "--name", "d"]
+    flags = training_flags(tmp_path, "d", 50)
     ports = free_ports(2)
     workers = start_workers(tmp_path, ports, [flags, flags])
     try:
-        seen = ""
-        while "Epoch 2/50" not in seen:
-            line = workers[0].stdout.readline()
-            assert line, seen
-            seen += line
+        read_until(workers[0], "Epoch 2/50")
         workers[1].kill()
         out = workers[0].communicate(timeout=180)[0]
     finally:
