@@ -16,6 +16,7 @@ import tensorflow as tf
 
 import config
 import data
+import image_files
 import machine
 import models
 import train_utils as tu
@@ -150,7 +151,7 @@ def write_fake_dataset(folder, count, size=256):
         for i in range(count):
             image = np.roll(base, i, axis=1)  # distinct files, no generation cost
             tf.io.write_file(str(sub / f"{i:05d}.jpg"), tf.io.encode_jpeg(image))
-        files[domain] = data.list_images(sub)
+        files[domain] = image_files.list_images(sub)
     return files
 
 

@@ -4,6 +4,7 @@ The CLI (`main.py`) fills a Config; the builders in `models.py` and the
 run in `train.py` read it; a preset is just a named Config value.
 """
 import dataclasses
+import re
 from dataclasses import dataclass
 
 
@@ -15,6 +16,16 @@ class UserError(Exception):
 def one_line(error):
     """The first line of an exception's message, or its type when it has none."""
     return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+class DataError(UserError):
+    """A dataset problem the user must fix; its message is one line."""
+
+
+def op_error_text(error):
+    """A TensorFlow error's own words, without the function, node and op it names."""
+    text = re.sub(r"\{\{[^}]*\}\}\s*", "", one_line(getattr(error, "message", error)))
+    return re.sub(r".*Iterator::\S+: ", "", text).split(" [Op:")[0].strip()
 
 
 def setting(default, help, shown=None):

@@ -14,9 +14,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+import image_files
 import models
 from config import UserError
-from data import to_network, to_uint8
 from fileio import checked_output, user_output
 
 # Format -> the ending its --output must have ("" for a folder).
@@ -33,8 +33,8 @@ def serving_function(generator, size=(None, None)):
     def serve(images):
         height, width = tf.shape(images)[1], tf.shape(images)[2]
         padded = models.edge_pad(images)
-        out = generator(to_network(padded), training=False)
-        return {"images": to_uint8(out[:, :height, :width])}
+        out = generator(image_files.to_network(padded), training=False)
+        return {"images": image_files.to_uint8(out[:, :height, :width])}
     return serve
 
 
@@ -131,7 +131,8 @@ def difference(fmt, generator, path, size=(None, None)):
     """(max abs difference from the .h5 on a test image, its unit)."""
     pixels, image = check_images(size)
     if fmt in ("saved_model", "tflite"):
-        expected = np.asarray(to_uint8(models.translate_any_size(generator, to_network(pixels[0]))))
+        translated = models.translate_any_size(generator, image_files.to_network(pixels[0]))
+        expected = np.asarray(image_files.to_uint8(translated))
         got = RUNNERS[fmt](path, pixels)[0]
         return int(np.abs(got.astype(int) - expected.astype(int)).max()), "uint8"
     expected = np.asarray(generator(image, training=False))

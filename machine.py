@@ -16,8 +16,8 @@ import sys
 import keras
 import tensorflow as tf
 
+import config
 from config import UserError
-from data import op_error_text
 
 # Keras policies: float32 weights, optimizer and losses under each; norms compute in float32.
 POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
@@ -134,7 +134,7 @@ def join_workers():
                   flush=True)
             return tf.distribute.MultiWorkerMirroredStrategy()
     except tf.errors.OpError as error:
-        raise UserError(f"could not join the workers of TF_CONFIG ({op_error_text(error)})") from None
+        raise UserError(f"could not join the workers of TF_CONFIG ({config.op_error_text(error)})") from None
 
 
 # The watchdog's own process: it waits for its stdin to close; if that takes longer than
@@ -193,6 +193,6 @@ def lost_workers_as_user_error():
         named = re.findall(r"/job:(\w+)/(?:replica:\d+/)?task:(\d+)\b(?!/device)", str(error))
         tasks = [t for t in dict.fromkeys(f"{job} {task}" for job, task in named) if t != me]
         who = ", ".join(f"{t} at {workers[t]}" if t in workers else t for t in tasks)
-        raise UserError(f"{who or f'another worker ({op_error_text(error)})'} stopped answering; "
+        raise UserError(f"{who or f'another worker ({config.op_error_text(error)})'} stopped answering; "
                         "training stopped without a new checkpoint, the last one is kept: start "
                         "every worker again with --resume") from None

@@ -13,9 +13,10 @@ import tensorflow as tf
 
 import config
 import data
+import download
+import image_files
 import report
 from config import UserError
-from data import to_unit
 from fileio import atomic_write
 from run_folder import RunFolder
 
@@ -26,7 +27,7 @@ KID_SUBSET = 1000       # as Binkowski et al.
 KID_SUBSETS = 100
 INCEPTION_PX = 299
 # Keras's InceptionV3 ImageNet weights without the top (its address and MD5), fetched
-# through data.download, which bounds size and time as keras.applications does not.
+# through download.download, which bounds size and time as keras.applications does not.
 INCEPTION_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/inception_v3/"
                  "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5")
 INCEPTION_MD5 = "bcbd6486424b2319ff4ef7d526e38f63"
@@ -58,13 +59,13 @@ def batch_scores(x, forward, backward, domain, truth=None):
     forward maps x to the other domain, backward maps back into `domain`.
     """
     fake = forward(x, training=False)
-    x01 = to_unit(x)
-    rec = to_unit(backward(fake, training=False))
-    same = to_unit(backward(x, training=False))
+    x01 = image_files.to_unit(x)
+    rec = image_files.to_unit(backward(fake, training=False))
+    same = image_files.to_unit(backward(x, training=False))
     scores = {f"cycle_L1_{domain}": l1(rec, x01), f"cycle_PSNR_{domain}": psnr(rec, x01),
               f"identity_L1_{domain}": l1(same, x01)}
     if truth is not None:
-        fake01, truth01 = to_unit(fake), to_unit(truth)
+        fake01, truth01 = image_files.to_unit(fake), image_files.to_unit(truth)
         scores.update(truth_PSNR=psnr(fake01, truth01), baseline_PSNR=psnr(x01, truth01),
                       truth_SSIM=ssim(fake01, truth01), baseline_SSIM=ssim(x01, truth01))
     return scores
@@ -87,7 +88,7 @@ def colour_map_psnr(batches):
 
     An oracle (it sees the truth) for what a purely colour-level translation can reach.
     """
-    images, truths = (to_unit(np.concatenate(part)) for part in zip(*batches))
+    images, truths = (image_files.to_unit(np.concatenate(part)) for part in zip(*batches))
     pixels = images.reshape(-1, 3)
     affine = np.concatenate([pixels, np.ones((len(pixels), 1), pixels.dtype)], 1)
     fit, *_ = np.linalg.lstsq(affine, truths.reshape(-1, 3), rcond=None)
@@ -104,8 +105,8 @@ def truth_files(files):
     truth = [truth_dir / Path(f).name for f in files]
     missing = [p.name for p in truth if not p.is_file()]
     if missing:
-        raise data.DataError(f"{truth_dir} lacks {len(missing)} of the images in {folder} "
-                             f"(e.g. {missing[0]}); add them or remove the folder")
+        raise config.DataError(f"{truth_dir} lacks {len(missing)} of the images in {folder} "
+                               f"(e.g. {missing[0]}); add them or remove the folder")
     return [str(p) for p in truth]
 
 
@@ -181,7 +182,7 @@ def load_inception(weights=None):
         raise UserError(f"--inception-weights {weights} is not a file")
     try:
         weights = weights or inception_weights()
-    except data.DataError as error:
+    except config.DataError as error:
         raise FeaturesUnavailable(f"no InceptionV3 weights ({error}); "
                                   "pass --inception-weights PATH to use a local file") from None
     model = keras.applications.InceptionV3(include_top=False, pooling="avg", weights=None,
@@ -190,7 +191,7 @@ def load_inception(weights=None):
         model.load_weights(weights)
     except Exception as error:  # what a file of other weights raises varies with the file
         raise UserError(f"{weights} does not fit InceptionV3 without its top "
-                        f"({data.one_line(error)})") from None
+                        f"({config.one_line(error)})") from None
     return model
 
 
@@ -198,9 +199,9 @@ def inception_weights():
     """INCEPTION_FILE, downloaded the first time it is asked for."""
     def check(path):
         if hashlib.md5(path.read_bytes()).hexdigest() != INCEPTION_MD5:
-            raise data.DataError("not the expected file (its MD5 differs)")
+            raise config.DataError("not the expected file (its MD5 differs)")
     if not INCEPTION_FILE.is_file():
-        data.download([INCEPTION_URL], INCEPTION_FILE, INCEPTION_MAX_BYTES, check)
+        download.download([INCEPTION_URL], INCEPTION_FILE, INCEPTION_MAX_BYTES, check)
     return str(INCEPTION_FILE)
 
 
@@ -210,7 +211,7 @@ def features(model, batches):
     rows = []
     for x in batches:
         x = tf.image.resize(x, model.input_shape[1:3])
-        rows.append(np.asarray(model(preprocess_input(to_unit(x) * 255.0), training=False)))
+        rows.append(np.asarray(model(preprocess_input(image_files.to_unit(x) * 255.0), training=False)))
     return np.concatenate(rows).astype(np.float64)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+import download
 from config import UserError, make_config
 from fileio import checked_output
 
@@ -312,19 +313,17 @@ def convert_command(args):
 
 
 def pretrained_url(name):
-    import data
-    return data.url_from_template(os.environ.get(URL_VARIABLE) or DEFAULT_URL, name, URL_VARIABLE)
+    return download.url_from_template(os.environ.get(URL_VARIABLE) or DEFAULT_URL, name, URL_VARIABLE)
 
 
 def convert_pretrained(name, output_path):
     """Download the official NAME.pth into a temporary folder and convert it to OUTPUT_PATH."""
-    import data
     if not re.fullmatch(r"[A-Za-z0-9_]+", name):
         raise UserError(f"--pretrained {name!r} is not a model name; official ones: "
                         + ", ".join(OFFICIAL_NAMES))
     checked_output(output_path, (".h5", ".keras"))
     with tempfile.TemporaryDirectory() as folder:
-        pth = data.download([pretrained_url(name)], Path(folder) / f"{name}.pth", MAX_PTH_BYTES)
+        pth = download.download([pretrained_url(name)], Path(folder) / f"{name}.pth", MAX_PTH_BYTES)
         return convert(pth, output_path)
 
 

@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from data import to_unit  # noqa: E402
+import image_files  # noqa: E402
 from fileio import atomic_write  # noqa: E402
 from models import OUTPUT_NAMES  # noqa: E402
 from train_utils import D_LOSS_NAMES, G_TOTAL  # noqa: E402
@@ -213,7 +213,7 @@ def save_sample_grid(gan, batch_a, batch_b, path, title):
                              layout="constrained")
     for ax_row, row in zip(axes, rows):
         for ax, (image, label) in zip(ax_row, row):
-            ax.imshow(to_unit(image))
+            ax.imshow(image_files.to_unit(image))
             ax.set_title(label, fontsize=9)
             ax.axis("off")
     fig.suptitle(title)

@@ -31,7 +31,7 @@ VARIANTS = {
     "paper": ("paper", {}),
     "fast": ("fast", {}),
 }
-# A global colour change and a local, painterly one (data.photo_grading, data.painterly).
+# A global colour change and a local, painterly one (generated.photo_grading, generated.painterly).
 DATASETS = ("photos", "painterly")
 DEFAULT_STEPS = 160
 
@@ -79,8 +79,8 @@ def study_data(root, image_size):
     files_a, files_b = (data.domain_files(root, "test", d) for d in "AB")
     truth = metrics.truth_files(files_a)
     if truth is None:
-        raise data.DataError(f"the study needs a dataset with a paired truth; "
-                             f"{root} has no testA_truth/")
+        raise config.DataError(f"the study needs a dataset with a paired truth; "
+                               f"{root} has no testA_truth/")
     test = (list(metrics.file_batches(files_a, image_size, truth)),
             list(metrics.file_batches(files_b, image_size)))
     return (tuple(data.domain_files(root, "train", d) for d in "AB"), test,

@@ -73,7 +73,7 @@ def sample_files(root, domain, cfg, count):
     """A few fixed test images (train images when there is no test split)."""
     try:
         return data.domain_files(root, "test", domain)[:count]
-    except data.DataError:
+    except config.DataError:
         return data.domain_files(root, "train", domain, cfg.limit)[:count]
 
 

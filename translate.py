@@ -19,7 +19,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-import data
+import config
+import image_files
 import machine
 import models
 from config import UserError
@@ -74,14 +75,14 @@ def translate(generator_path, input_path, output, overwrite=False, precision="au
     for clip, target in zip(clips, targets[len(images):]):
         try:
             if translate_clip(translator, clip, target, max_size, keep_size):
-                sound.append(data.file_name(clip))
+                sound.append(image_files.file_name(clip))
             clips_done += 1
-        except data.UnusableImage as why:
-            skipped.append(f"{data.file_name(clip)} ({why})")
+        except image_files.UnusableImage as why:
+            skipped.append(f"{image_files.file_name(clip)} ({why})")
     if skipped:
         kind = "file" if clips else "image"
         warnings.warn(f"skipped {len(skipped)} {kind}(s) of {input_path}: " + ", ".join(skipped),
-                      data.SkippedImagesWarning)
+                      image_files.SkippedImagesWarning)
     counts = [f"{n} {kind}(s)" for n, kind, given in ((done, "image", images),
                                                        (clips_done, "clip", clips)) if given]
     print(f"Translated {' and '.join(counts)} into {output}"
@@ -94,7 +95,7 @@ def plan_outputs(input_path, output, overwrite):
     if source.is_file():
         files = [str(source)]
     else:
-        files = data.list_images(source, data.IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
+        files = image_files.list_images(source, image_files.IMAGE_EXTENSIONS + VIDEO_EXTENSIONS)
     is_clip = lambda f: Path(f).suffix.lower() in VIDEO_EXTENSIONS
     clips = [f for f in files if is_clip(f)]
     images = [f for f in files if not is_clip(f)]
@@ -115,7 +116,7 @@ def plan_outputs(input_path, output, overwrite):
     existing = [t for t in targets if t.exists()]
     if existing and not overwrite:
         raise UserError(f"{len(existing)} output file(s) already exist in {existing[0].parent} "
-                        f"(e.g. {data.file_name(existing[0])}); pass --overwrite to replace them")
+                        f"(e.g. {image_files.file_name(existing[0])}); pass --overwrite to replace them")
     # Links, folders where a file goes, unwritable places: refused before any work.
     return images, clips, [checked_output(t, overwrite=overwrite) for t in targets]
 
@@ -170,13 +171,13 @@ class Translator:
     def translate_batch(self, images):
         """uint8 NHWC images -> float32 [-1, 1] translations of the same size."""
         height, width = tf.shape(images)[1], tf.shape(images)[2]
-        padded = models.edge_pad(data.to_network(images))
+        padded = models.edge_pad(image_files.to_network(images))
         return tf.cast(self.generator(padded, training=False)[:, :height, :width], tf.float32)
 
     def __call__(self, images, size=None):
         """uint8 NHWC images of one size -> float32 translations (scaled to `size`, where given)."""
         if self.tiled and max(images.shape[1:3]) > self.tile:
-            out = tf.stack([self.tiled(data.to_network(image))
+            out = tf.stack([self.tiled(image_files.to_network(image))
                             for image in images])
         else:
             if self.bytes_per_pixel and (self.bytes_per_pixel * np.prod(images.shape[:3])
@@ -214,9 +215,9 @@ class Writers:
 
 def write_translation(target, image):
     try:
-        data.write_image(target, image)
+        image_files.write_image(target, image)
     except (OSError, ValueError) as error:
-        raise UserError(f"cannot write {target}: {data.one_line(error)}") from None
+        raise UserError(f"cannot write {target}: {config.one_line(error)}") from None
 
 
 class Progress:
@@ -266,7 +267,7 @@ def image_dataset(images, batches):
         [images[i].orientation for _, i in order], tf.constant(sizes, tf.int32)))
 
     def load(batch, index, path, orientation, size):
-        image = data.decode(path, orientation)
+        image = image_files.decode(path, orientation)
         image = tf.cond(tf.reduce_all(tf.shape(image)[:2] == size), lambda: image,
                         lambda: tf.cast(tf.round(tf.clip_by_value(tf.image.resize(
                             image, size, antialias=True), 0, 255)), tf.uint8))
@@ -286,10 +287,10 @@ def translate_images(translator, files, targets, max_size, keep_size):
     images, skipped, usable_targets = [], [], []
     for path, target in zip(files, targets):
         try:
-            images.append(data.inspect_image(path))
+            images.append(image_files.inspect_image(path))
             usable_targets.append(target)
-        except data.UnusableImage as why:
-            skipped.append(f"{data.file_name(path)} ({why})")
+        except image_files.UnusableImage as why:
+            skipped.append(f"{image_files.file_name(path)} ({why})")
     targets = usable_targets
     batches = image_batches(images, max_size, keep_size, translator.tile)
     progress = Progress(len(images), "image")
@@ -301,13 +302,13 @@ def translate_images(translator, files, targets, max_size, keep_size):
             try:
                 out = translator(pixels, batches[int(batch)][2])
             except (tf.errors.ResourceExhaustedError, MemoryError):
-                raise out_of_memory(data.file_name(first), first.size) from None
+                raise out_of_memory(image_files.file_name(first), first.size) from None
             for i, image in zip(indices, out):
                 writers.submit(write_translation, targets[i], image)
                 written.add(i)
             progress.add(len(indices))
     progress.finish()
-    skipped += [f"{data.file_name(image)} (unreadable)" for i, image in enumerate(images)
+    skipped += [f"{image_files.file_name(image)} (unreadable)" for i, image in enumerate(images)
                 if i not in written]
     return len(written), skipped
 
@@ -332,10 +333,10 @@ def translate_clip(translator, source, target, max_size, keep_size):
     try:
         clip = av.open(str(source))
     except av.error.FFmpegError as error:
-        raise data.UnusableImage(f"unreadable: {data.one_line(error)}") from None
+        raise image_files.UnusableImage(f"unreadable: {config.one_line(error)}") from None
     with clip:
         if not clip.streams.video:
-            raise data.UnusableImage("no video stream")
+            raise image_files.UnusableImage("no video stream")
         stream = clip.streams.video[0]
         stream.thread_type = "AUTO"
         rate = stream.average_rate or stream.guessed_rate or 25
@@ -347,7 +348,7 @@ def translate_clip(translator, source, target, max_size, keep_size):
         batches = tf.data.Dataset.from_generator(
             lambda: frames, output_signature=tf.TensorSpec((*size, 3), tf.uint8))
         batches = batches.batch(max(1, BATCH_PIXELS // (size[0] * size[1]))).prefetch(1)
-        print(f"{data.file_name(source)}: {stream.frames or 'unknown number of'} frames at "
+        print(f"{image_files.file_name(source)}: {stream.frames or 'unknown number of'} frames at "
               f"{float(rate):g} frames/s, {original[1]}x{original[0]}")
         progress = Progress(stream.frames, "frame")
         try:
@@ -355,7 +356,7 @@ def translate_clip(translator, source, target, max_size, keep_size):
                 encode(av, tmp, Path(target).suffix.lower(), rate, out_size,
                        translated_frames(translator, batches, out_size, progress, source))
         except av.error.FFmpegError as error:
-            raise UserError(f"cannot write {target}: {data.one_line(error)}") from None
+            raise UserError(f"cannot write {target}: {config.one_line(error)}") from None
         progress.finish()
         return bool(clip.streams.audio)
 
@@ -366,9 +367,9 @@ def translated_frames(translator, batches, size, progress, source):
         try:
             out = translator(pixels, size)
         except (tf.errors.ResourceExhaustedError, MemoryError):
-            raise out_of_memory(data.file_name(source), size) from None
+            raise out_of_memory(image_files.file_name(source), size) from None
         progress.add(len(out))
-        yield from np.asarray(data.to_uint8(out))
+        yield from np.asarray(image_files.to_uint8(out))
 
 
 def encode(av, path, suffix, rate, size, frames):

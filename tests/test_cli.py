@@ -82,11 +82,11 @@ def test_training_logs_metrics_and_builds_a_page_whose_links_resolve(trained_run
 
 def test_evaluate_offline_skips_fid_kid_in_one_line_and_scores_the_rest(trained_run, monkeypatch,
                                                                        capsys):
-    import data
+    import download
 
     def offline(*args, **kwargs):
         raise OSError("no network")
-    monkeypatch.setattr(data, "fetch", offline)
+    monkeypatch.setattr(download, "fetch", offline)
     work, _ = trained_run
     monkeypatch.chdir(work)
     assert main.main(["evaluate", "--name", "tiny"]) == 0

@@ -8,8 +8,10 @@ from PIL import Image
 
 import tensorflow as tf
 
+import config
 import data
-import metrics
+import download
+import image_files
 from config import make_config
 from conftest import within, write_images
 
@@ -42,12 +44,6 @@ def test_domain_files_reads_the_train_split_with_a_limit(tiny_dataset):
     assert len(data.domain_files(tiny_dataset, "train", "A", limit=2)) == 2
 
 
-def test_hidden_and_non_image_files_are_ignored(tiny_dataset):
-    (tiny_dataset / "trainA" / ".hidden.png").write_bytes(b"x")
-    (tiny_dataset / "trainA" / "notes.txt").write_text("hi")
-    assert len(data.list_images(tiny_dataset / "trainA")) == 5
-
-
 def solid_domain(folder, levels):
     for i, level in enumerate(levels):
         Image.fromarray(np.full((8, 8, 3), level, np.uint8)).save(folder / f"{i}.png")
@@ -59,8 +55,8 @@ def test_domains_are_shuffled_on_their_own_and_never_paired_by_index(tmp_path):
     solid_domain(tmp_path / "A", [0, 40, 80, 120, 160, 200])
     solid_domain(tmp_path / "B", [20, 100, 180])
     cfg = make_config(image_size=32, batch_size=1)
-    files_a = data.list_images(tmp_path / "A")
-    files_b = data.list_images(tmp_path / "B")
+    files_a = image_files.list_images(tmp_path / "A")
+    files_b = image_files.list_images(tmp_path / "B")
     assert data.steps_per_epoch(files_a, files_b, cfg) == 6
     level = lambda batch: int(round((float(batch[0, 0, 0, 0]) + 1) * 127.5))
     pairs = [(level(a), level(b)) for a, b in data.train_dataset(files_a, files_b, cfg).take(12)]
@@ -87,107 +83,28 @@ def test_random_crop_and_flip_keep_the_crop_size():
     assert np.isin(out[:, :, 0], image[:, :, 0]).all()
 
 
-def test_demo_dataset_is_deterministic_with_a_known_truth(tmp_path):
-    first = data.make_demo_dataset(tmp_path / "one")
-    second = data.make_demo_dataset(tmp_path / "two")
-    for sub in ("trainA", "trainB", "testA", "testB", "testA_truth"):
-        names = sorted(p.name for p in (first / sub).iterdir())
-        assert names and names == sorted(p.name for p in (second / sub).iterdir())
-        assert (first / sub / names[0]).read_bytes() == (second / sub / names[0]).read_bytes()
-    a = np.asarray(Image.open(first / "testA" / "0000.png"))
-    truth = np.asarray(Image.open(first / "testA_truth" / "0000.png"))
-    np.testing.assert_array_equal(truth, data.demo_translation(a))
-    assert not (tmp_path / "one.partial").exists()
-
-
-def stand_in_photos():
-    """Three small 'photos' of distinct flat colours, so a patch tells its source by its red."""
-    return {name: np.full((200, 240, 3), stand_in_colour(level), np.uint8)
-            for name, level in (("one", 30), ("two", 120), ("three", 210))}
-
-
-def stand_in_colour(red):
-    return red, red // 2, red // 4
-
-
-def pixel_levels(folder):
-    return {int(np.asarray(Image.open(p))[0, 0, 0]) for p in folder.iterdir()}
-
-
-@pytest.mark.parametrize("make, translation", [(data.make_photo_dataset, data.photo_grading),
-                                               (data.make_painterly_dataset, data.painterly)])
-def test_photo_datasets_split_by_photo_with_their_translation_as_truth(tmp_path, monkeypatch,
-                                                                       make, translation):
-    monkeypatch.setattr(data, "PHOTO_TEST_COUNT", 1)
-    root = make(tmp_path / "photos", stand_in_photos())
-    names = {sub: sorted(p.name for p in (root / sub).iterdir())
-             for sub in ("trainA", "trainB", "testA", "testB", "testA_truth")}
-    assert len(names["trainA"]) == len(names["trainB"]) == 2 * data.PHOTO_PATCHES["train"] // 2
-    assert names["testA"] == names["testA_truth"] and names["testA"]
-    train_sources = {n.split("_")[0] for n in names["trainA"] + names["trainB"]}
-    test_sources = {n.split("_")[0] for n in names["testA"] + names["testB"]}
-    assert train_sources == {"one", "two"} and test_sources == {"three"}
-    assert pixel_levels(root / "trainA") == {30, 120} and pixel_levels(root / "testA") == {210}
-    for name in names["testA"]:
-        a = np.asarray(Image.open(root / "testA" / name))
-        assert a.shape == (data.PHOTO_PATCH, data.PHOTO_PATCH, 3)
-        np.testing.assert_array_equal(np.asarray(Image.open(root / "testA_truth" / name)),
-                                      translation(a))
-    translated = int(translation(np.full((1, 1, 3), stand_in_colour(210), np.uint8))[0, 0, 0])
-    assert pixel_levels(root / "testB") == {translated} != {210}  # B is translated, not raw
-    assert (root / data.GENERATED_MARK).is_file()
-    assert not (tmp_path / "photos.partial").exists()
-
-
-def test_photo_grading_is_a_real_change_of_colour():
-    image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
-    graded = data.photo_grading(image)
-    assert graded.dtype == np.uint8 and graded.shape == image.shape
-    assert np.abs(graded.astype(int) - image).mean() > 20
-
-
-def textured(size=64):
-    """Smooth colour gradients under fine noise: detail a paint filter flattens."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    base = np.stack([60 + 120 * xx, 80 + 100 * yy, 150 - 80 * xx * yy], -1)
-    return np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
-
-
-def test_painterly_flattens_detail_that_no_colour_map_reproduces():
-    image = textured()
-    painted = data.painterly(image)
-    assert painted.dtype == np.uint8 and painted.shape == image.shape
-    detail = lambda x: np.abs(np.diff(x.astype(float), axis=1)).mean()
-    assert detail(painted) < detail(image) / 2
-    as_batch = lambda x: (x[None].astype(np.float32) / 127.5 - 1,)
-    colour_map = metrics.colour_map_psnr([as_batch(image) + as_batch(painted)])
-    graded = metrics.colour_map_psnr([as_batch(image) + as_batch(data.photo_grading(image))])
-    assert colour_map < 30 < graded  # the grading is (nearly) a colour map, the paint is not
-
-
 def test_photo_datasets_without_scikit_image_are_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "skimage", None)  # import skimage now fails
     for name in ("photos", "painterly"):
-        with pytest.raises(data.DataError, match="needs? scikit-image"):
+        with pytest.raises(config.DataError, match="needs? scikit-image"):
             data.resolve_dataset(name, tmp_path)
 
 
 def test_bad_dataset_paths_are_one_line_errors(tmp_path, tiny_dataset):
-    with pytest.raises(data.DataError, match="neither a folder"):
+    with pytest.raises(config.DataError, match="neither a folder"):
         data.resolve_dataset(str(tmp_path / "nope"))
     (tiny_dataset / "trainB").rename(tiny_dataset / "elsewhere")
-    with pytest.raises(data.DataError, match="missing folder .*trainB"):
+    with pytest.raises(config.DataError, match="missing folder .*trainB"):
         data.domain_files(tiny_dataset, "train", "B")
     (tiny_dataset / "trainB").mkdir()
-    with pytest.raises(data.DataError, match="no usable images"):
+    with pytest.raises(config.DataError, match="no usable images"):
         data.domain_files(tiny_dataset, "train", "B")
 
 
 def test_unreadable_images_are_skipped_with_a_named_warning(tiny_dataset):
     (tiny_dataset / "trainA" / "broken.jpg").write_bytes(b"")
     (tiny_dataset / "trainA" / "text.png").write_text("not an image")
-    with pytest.warns(data.SkippedImagesWarning, match="broken.jpg, text.png"):
+    with pytest.warns(image_files.SkippedImagesWarning, match="broken.jpg, text.png"):
         files = data.domain_files(tiny_dataset, "train", "A")
     assert len(files) == 5
 
@@ -196,8 +113,8 @@ def test_official_dataset_offline_fails_fast_with_where_to_put_it(tmp_path, monk
     def offline(*args, **kwargs):
         raise OSError("Temporary failure in name resolution")
 
-    monkeypatch.setattr(data, "fetch", offline)
-    with pytest.raises(data.DataError) as error:
+    monkeypatch.setattr(download, "fetch", offline)
+    with pytest.raises(config.DataError) as error:
         data.resolve_dataset("monet2photo", datasets_dir=str(tmp_path))
     message = str(error.value)
     assert "\n" not in message
@@ -205,7 +122,7 @@ def test_official_dataset_offline_fails_fast_with_where_to_put_it(tmp_path, monk
 
 
 def test_existing_official_dataset_folder_is_used_without_download(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "fetch", lambda *a, **k: pytest.fail("downloaded"))
+    monkeypatch.setattr(download, "fetch", lambda *a, **k: pytest.fail("downloaded"))
     write_images(tmp_path / "horse2zebra" / "trainA", 1)
     assert data.resolve_dataset("horse2zebra", datasets_dir=str(tmp_path)) == tmp_path / "horse2zebra"
 
@@ -233,7 +150,7 @@ def test_bad_input_corpus_loads_what_can_be_read_and_names_what_cannot(tmp_path)
     (folder / ".hidden.jpg").write_bytes(b"")
     (folder / "readme.txt").write_text("ignored")
 
-    with pytest.warns(data.SkippedImagesWarning) as caught:
+    with pytest.warns(image_files.SkippedImagesWarning) as caught:
         files = data.domain_files(tmp_path, "train", "A")
     message = str(caught[0].message)
     assert "3 unreadable" in message
@@ -261,14 +178,14 @@ def test_exif_orientation_turns_the_image_upright_as_pil_does(tmp_path, orientat
     from PIL import ImageOps
     pixels = np.random.default_rng(orientation).integers(0, 256, (6, 10, 3), dtype=np.uint8)
     exif = Image.Exif()
-    exif[data.EXIF_ORIENTATION] = orientation
+    exif[image_files.EXIF_ORIENTATION] = orientation
     path = tmp_path / "phone.png"
     Image.fromarray(pixels).save(path, exif=exif.tobytes())
     expected = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
     assert expected.shape == ((10, 6, 3) if orientation >= 5 else (6, 10, 3))
-    (file,) = data.usable_images([str(path)], tmp_path)
+    (file,) = image_files.usable_images([str(path)], tmp_path)
     assert file.orientation == orientation
-    got = np.asarray(data.to_uint8(data.read_image(path)))
+    got = np.asarray(image_files.to_uint8(image_files.read_image(path)))
     np.testing.assert_array_equal(got, expected)
     loaded = data.load_image(str(path), 32).numpy()  # samples, evaluation: upright too
     np.testing.assert_allclose(loaded, data.load_image(file, 32).numpy(), atol=1e-6)
@@ -279,9 +196,9 @@ def test_training_batches_are_upright(tmp_path):
     pixels = np.zeros((32, 48, 3), np.uint8)
     pixels[:, :8] = 255  # white left edge; orientation 6 turns it into the top edge
     exif = Image.Exif()
-    exif[data.EXIF_ORIENTATION] = 6
+    exif[image_files.EXIF_ORIENTATION] = 6
     Image.fromarray(pixels).save(tmp_path / "side.png", exif=exif.tobytes())
-    files = data.usable_images([str(tmp_path / "side.png")], tmp_path)
+    files = image_files.usable_images([str(tmp_path / "side.png")], tmp_path)
     cfg = make_config(image_size=32)
     batch, _ = next(iter(data.train_dataset(files, files, cfg)))
     image = batch[0].numpy()
@@ -303,11 +220,11 @@ def write_png_claiming(path, width, height):
 def test_an_image_over_the_pixel_limit_is_skipped_by_name_without_decoding(tmp_path):
     write_images(tmp_path / "trainA", 2)
     write_png_claiming(tmp_path / "trainA" / "huge.png", 16000, 16000)
-    with pytest.warns(data.SkippedImagesWarning, match=r"huge.png \(over the 89-megapixel limit\)"):
+    with pytest.warns(image_files.SkippedImagesWarning, match=r"huge.png \(over the 89-megapixel limit\)"):
         files = data.domain_files(tmp_path, "train", "A")
     assert len(files) == 2
-    with pytest.raises(data.UnusableImage, match="megapixel"):
-        data.read_image(tmp_path / "trainA" / "huge.png")
+    with pytest.raises(image_files.UnusableImage, match="megapixel"):
+        image_files.read_image(tmp_path / "trainA" / "huge.png")
 
 
 def test_a_file_name_that_is_not_utf8_is_read(tmp_path):
@@ -321,10 +238,6 @@ def test_a_file_name_that_is_not_utf8_is_read(tmp_path):
     cfg = make_config(image_size=32)
     batch, _ = next(iter(data.train_dataset([file], [file], cfg)))
     assert batch.shape == (1, 32, 32, 3)
-
-
-def test_to_unit_maps_network_range_to_display_range():
-    np.testing.assert_allclose(data.to_unit(np.array([-1.0, 0.0, 1.0, 2.0])), [0, 0.5, 1, 1])
 
 
 def only_pillow_decodes(folder):
@@ -352,17 +265,17 @@ def test_images_only_pillow_decodes_are_trained_on_from_copies_outside_the_users
     write_images(tmp_path / "data" / "trainB", 2)
     files_a = data.domain_files(tmp_path / "data", "train", "A")
     assert sorted(os.path.basename(f) for f in files_a) == sorted(before)
-    copies = {p: p.stat().st_mtime_ns for p in (tmp_path / data.DECODED_DIR).iterdir()}
+    copies = {p: p.stat().st_mtime_ns for p in (tmp_path / image_files.DECODED_DIR).iterdir()}
     assert len(copies) == len(before)
     batches = iter(data.train_dataset(files_a, data.domain_files(tmp_path / "data", "train", "B"),
                                       make_config(image_size=32)))
     for _ in range(3):  # the whole domain: before, the pipeline dropped each and never returned
         batch_a, _ = within(60, data.next_batch, batches)
         assert batch_a.numpy().min() > 0.9  # white: the images themselves
-    assert data.read_image(tmp_path / "data" / "trainA" / "scan.png").min() > 0.9  # translate
+    assert image_files.read_image(tmp_path / "data" / "trainA" / "scan.png").min() > 0.9  # translate
     assert {p.name: p.read_bytes() for p in (tmp_path / "data" / "trainA").iterdir()} == before
     data.domain_files(tmp_path / "data", "train", "A")  # decoded once: the copies are reused
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / data.DECODED_DIR).iterdir()} == copies
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / image_files.DECODED_DIR).iterdir()} == copies
 
 
 def test_images_gone_after_the_check_end_the_pipeline_in_one_line_naming_them(tiny_dataset):
@@ -371,7 +284,7 @@ def test_images_gone_after_the_check_end_the_pipeline_in_one_line_naming_them(ti
     batches = iter(data.train_dataset(files_a, files_b, make_config(image_size=32)))
     within(60, data.next_batch, batches)
     shutil.rmtree(tiny_dataset / "trainA")
-    with pytest.raises(data.DataError, match=r"can no longer be read \(.*trainA.*No such file") as error:
+    with pytest.raises(config.DataError, match=r"can no longer be read \(.*trainA.*No such file") as error:
         for _ in range(20):  # past the batches read ahead
             within(60, data.next_batch, batches)
     assert "\n" not in str(error.value)
@@ -380,5 +293,5 @@ def test_images_gone_after_the_check_end_the_pipeline_in_one_line_naming_them(ti
 def test_an_image_read_on_its_own_that_cannot_be_used_is_a_one_line_error(tmp_path):
     """Samples, truth images, evaluation: a damaged file is named, never a traceback."""
     (tmp_path / "truth.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
-    with pytest.raises(data.DataError, match="cannot use image .*truth.png.*: unreadable"):
+    with pytest.raises(config.DataError, match="cannot use image .*truth.png.*: unreadable"):
         data.load_batch([str(tmp_path / "truth.png")], 32)

@@ -9,7 +9,9 @@ import zipfile
 
 import pytest
 
+import config
 import data
+import download
 from conftest import ENV, ROOT, one_line_error, serve_endless, serve_folder, within, write_images
 
 
@@ -42,12 +44,12 @@ def listing(folder):
 
 
 def use_hosts(monkeypatch, *templates):
-    monkeypatch.setenv(data.DATASET_URL_VARIABLE, " ".join(templates))
+    monkeypatch.setenv(download.DATASET_URL_VARIABLE, " ".join(templates))
 
 
 def test_the_default_hosts_are_the_current_official_one_then_the_old_one(monkeypatch):
-    monkeypatch.delenv(data.DATASET_URL_VARIABLE, raising=False)
-    assert data.dataset_urls("monet2photo") == [
+    monkeypatch.delenv(download.DATASET_URL_VARIABLE, raising=False)
+    assert download.dataset_urls("monet2photo") == [
         "http://efrosgans.eecs.berkeley.edu/cyclegan/datasets/monet2photo.zip",
         "https://people.eecs.berkeley.edu/~taesung_park/CycleGAN/datasets/monet2photo.zip"]
 
@@ -86,7 +88,7 @@ def test_a_truncated_download_is_a_one_line_error_naming_every_host_and_the_fold
     (served / "facades.zip").write_bytes(good[:len(good) // 2])
     use_hosts(monkeypatch, f"{base}/{{name}}.zip", f"{base}/missing/{{name}}.zip")
     datasets = tmp_path / "datasets"
-    with pytest.raises(data.DataError) as error:
+    with pytest.raises(config.DataError) as error:
         data.resolve_dataset("facades", datasets)
     message = str(error.value)
     assert "\n" not in message and "not a complete zip" in message
@@ -118,7 +120,7 @@ def test_an_archive_that_writes_elsewhere_is_refused_whole(tmp_path, server, mon
     written = lambda: sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")
                              if "served" not in p.parts and not p.name.endswith(".lock"))
     before = written()
-    with pytest.raises(data.DataError, match=words):
+    with pytest.raises(config.DataError, match=words):
         data.resolve_dataset("facades", datasets)
     after = written()
     assert after == before
@@ -133,7 +135,7 @@ def test_a_zip_bomb_is_refused_before_unpacking(tmp_path, server, monkeypatch):
     (served / "facades.zip").write_bytes(buffer.getvalue())
     use_hosts(monkeypatch, f"{base}/{{name}}.zip")
     datasets = tmp_path / "datasets"
-    with pytest.raises(data.DataError, match="would unpack .* into 209715200 bytes"):
+    with pytest.raises(config.DataError, match="would unpack .* into 209715200 bytes"):
         data.resolve_dataset("facades", datasets)
     assert listing(datasets) == []
 
@@ -145,13 +147,13 @@ def test_a_zip_bomb_is_refused_before_unpacking(tmp_path, server, monkeypatch):
 ])
 def test_a_download_that_would_never_end_is_given_up_leaving_nothing(tmp_path, monkeypatch, pause,
                                                                       announce, words):
-    monkeypatch.setattr(data, "RATE_WINDOW_S", 1)
-    monkeypatch.setattr(data, "MIN_RATE", 100)
-    monkeypatch.setitem(data.DATASET_MIB, "facades", 1)
+    monkeypatch.setattr(download, "RATE_WINDOW_S", 1)
+    monkeypatch.setattr(download, "MIN_RATE", 100)
+    monkeypatch.setitem(download.DATASET_MIB, "facades", 1)
     datasets = tmp_path / "datasets"
     with serve_endless(pause, announce) as (base, requests):
         use_hosts(monkeypatch, f"{base}/{{name}}.zip")
-        with pytest.raises(data.DataError, match=words) as error:
+        with pytest.raises(config.DataError, match=words) as error:
             within(60, data.resolve_dataset, "facades", datasets)
     assert requests == ["/facades.zip"] and "\n" not in str(error.value)
     assert listing(datasets) == []
@@ -161,7 +163,7 @@ def test_ctrl_c_during_a_download_is_one_line_and_leaves_nothing(tmp_path):
     with serve_endless(pause=0.1) as (base, requests):
         process = subprocess.Popen(
             [sys.executable, str(ROOT / "main.py"), "--data", "facades"], cwd=tmp_path,
-            env={**ENV, data.DATASET_URL_VARIABLE: f"{base}/{{name}}.zip"},
+            env={**ENV, download.DATASET_URL_VARIABLE: f"{base}/{{name}}.zip"},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 300
         while not requests:
@@ -179,4 +181,4 @@ def test_a_mirror_address_with_another_field_than_name_is_a_one_line_error(tmp_p
                                                                            capsys, template):
     monkeypatch.chdir(tmp_path)
     use_hosts(monkeypatch, template)
-    assert data.DATASET_URL_VARIABLE in one_line_error(["--data", "facades"], capsys)
+    assert download.DATASET_URL_VARIABLE in one_line_error(["--data", "facades"], capsys)

@@ -11,6 +11,7 @@ import tensorflow as tf
 from conftest import one_line_error
 
 import export
+import image_files
 import main
 import models
 import pretrained
@@ -47,7 +48,7 @@ def uint8_image(height=30, width=50):
 
 def expected_uint8(generator_h5, pixels):
     out = models.translate_any_size(models.load_generator(generator_h5), pixels[0] / 127.5 - 1.0)
-    return np.asarray(export.to_uint8(out))
+    return np.asarray(image_files.to_uint8(out))
 
 
 def assert_uint8_close(got, expected):

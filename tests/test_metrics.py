@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import config
 import data
+import download
+import generated
 import metrics
 from config import UserError
 from conftest import write_images
@@ -86,7 +89,7 @@ def test_image_scores_match_a_computation_by_hand(tmp_path):
 
 
 def test_a_perfect_demo_generator_beats_the_do_nothing_baseline(tmp_path):
-    root = data.make_demo_dataset(tmp_path / "demo")
+    root = generated.make_demo_dataset(tmp_path / "demo")
     files_a, files_b = data.domain_files(root, "test", "A"), data.domain_files(root, "test", "B")
     truth = metrics.truth_files(files_a)
     assert [Path(t).name for t in truth] == [Path(f).name for f in files_a]
@@ -108,7 +111,7 @@ def test_truth_files_need_every_name(tmp_path):
     files = [str(p) for p in write_images(tmp_path / "testA", 3)]
     assert metrics.truth_files(files) is None
     write_images(tmp_path / "testA_truth", 2)
-    with pytest.raises(data.DataError, match="lacks 1 of the images"):
+    with pytest.raises(config.DataError, match="lacks 1 of the images"):
         metrics.truth_files(files)
 
 
@@ -117,7 +120,7 @@ def test_truth_files_need_every_name(tmp_path):
 def test_failed_weight_download_is_a_reason_not_a_crash(monkeypatch, tmp_path):
     def offline(*args, **kwargs):
         raise OSError("network is unreachable")
-    monkeypatch.setattr(data, "fetch", offline)
+    monkeypatch.setattr(download, "fetch", offline)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(metrics.FeaturesUnavailable, match="network is unreachable.*--inception-weights"):
         metrics.load_inception()

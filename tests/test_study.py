@@ -5,6 +5,7 @@ import pytest
 
 import config
 import data
+import generated
 import study
 import train_utils as tu
 from conftest import one_line_error, run_cli
@@ -54,9 +55,9 @@ def test_study_runs_on_both_photo_datasets_and_scores_against_the_colour_map_ora
     # Stand-ins for scikit-image's photos: two textured images, one for each split.
     rng = np.random.default_rng(0)
     photos = {name: rng.integers(0, 256, (160, 160, 3), dtype=np.uint8) for name in ("one", "two")}
-    monkeypatch.setattr(data, "skimage_photos", lambda: photos)
-    monkeypatch.setattr(data, "PHOTO_TEST_COUNT", 1)
-    monkeypatch.setattr(data, "PHOTO_PATCHES", {"train": 4, "test": 4})
+    monkeypatch.setattr(generated, "skimage_photos", lambda: photos)
+    monkeypatch.setattr(generated, "PHOTO_TEST_COUNT", 1)
+    monkeypatch.setattr(generated, "PHOTO_PATCHES", {"train": 4, "test": 4})
     rows = study.run_study(study.DATASETS, ["fast"], steps=2, datasets_dir=tmp_path)
     assert [(d, n) for d, n, _ in rows] == [("photos", "fast"), ("painterly", "fast")]
     out = capsys.readouterr().out

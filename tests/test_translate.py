@@ -10,7 +10,7 @@ from PIL import Image
 
 from conftest import one_line_error
 
-import data
+import image_files
 import main
 import models
 import pretrained
@@ -53,8 +53,8 @@ def photos(folder, sizes, seed=0):
 
 def per_image(generator_h5, path, target):
     """Write what translate wrote before issue 20, one image at a time: the reference."""
-    data.write_image(target, models.translate_any_size(models.load_generator(generator_h5),
-                                                       data.read_image(path)))
+    image_files.write_image(target, models.translate_any_size(models.load_generator(generator_h5),
+                                                              image_files.read_image(path)))
     return levels(target)
 
 
@@ -88,7 +88,7 @@ def test_a_folder_comes_out_as_the_per_image_path_wrote_it(generators, tmp_path,
 
 
 def test_images_of_one_size_go_together_within_the_pixel_budget():
-    images = [data.ImageFile(f"{i}.png", 1, size) for i, size in
+    images = [image_files.ImageFile(f"{i}.png", 1, size) for i, size in
               enumerate([(256, 256)] * 6 + [(100, 80), (1000, 1000), (256, 256)])]
     batches = translate.image_batches(images, max_size=0, keep_size=False, tile=0)
     assert [members for members, _, _ in batches] == [[0, 1, 2, 3], [4, 5, 8], [6], [7]]
@@ -120,8 +120,8 @@ def test_max_size_translates_smaller_and_keep_size_scales_back(generators, tmp_p
 @pytest.mark.parametrize("preset", ["book", "paper"])
 def test_tiles_give_the_whole_images_translation(generators, preset):
     generator = models.load_generator(generators[preset])
-    image = data.read_image(photos(Path(generators[preset]).parent / f"tiles_{preset}",
-                                   [(150, 203)])[0])
+    image = image_files.read_image(photos(Path(generators[preset]).parent / f"tiles_{preset}",
+                                          [(150, 203)])[0])
     tiled = tiling.TiledGenerator(generator, 32)
     # Only maps at a quarter of the image's resolution are kept whole between segments.
     assert len(tiled.segments) > 2
@@ -130,7 +130,7 @@ def test_tiles_give_the_whole_images_translation(generators, preset):
     got = np.asarray(tiled(image))
     assert got.shape == whole.shape
     np.testing.assert_allclose(got, whole, atol=1e-4, rtol=0)
-    levels = lambda images: np.asarray(data.to_uint8(images), int)
+    levels = lambda images: np.asarray(image_files.to_uint8(images), int)
     assert np.abs(levels(got) - levels(whole)).max() <= 1
 
 
