@@ -15,11 +15,10 @@ import numpy as np
 import tensorflow as tf
 
 import config
+import cyclegan
 import data
 import image_files
 import machine
-import models
-import train_utils as tu
 
 WARMUP_STEPS = 2       # the first step traces five functions; the second settles caches
 MATMUL_SIZES = (512, 1024, 2048)
@@ -46,14 +45,9 @@ def conv_gflop(model, batch, size):
 
 
 def iteration_gflop(gan, cfg):
-    """One train_step: in the adversarial update 6 G passes with weight
-    gradients (forward + backward = 3 forwards) and 2 D passes with input
-    gradients only (2x), 4 D updates' worth of D passes (3x), and, under
-    several replicas only, 2 G forwards for the fakes."""
-    g = conv_gflop(gan.g_ab, cfg.batch_size, cfg.image_size)
-    d = conv_gflop(gan.d_a, cfg.batch_size, cfg.image_size)
-    fakes = 2 if gan.adversarial.distribute_strategy.num_replicas_in_sync > 1 else 0
-    return (18 + fakes) * g + 16 * d
+    """GFLOP of one train_step, from the forward passes the model says it makes (gan.passes)."""
+    return sum(count * conv_gflop(network, cfg.batch_size, cfg.image_size)
+               for network, count in gan.passes())
 
 
 def machine_gflop_s(dtype="float32"):
@@ -100,18 +94,16 @@ class StepRun:
         self.cfg = cfg
         self.strategy = machine.make_strategy(cfg.strategy)
         self.replicas = self.strategy.num_replicas_in_sync
-        with self.strategy.scope():
-            self.gan = models.build_cyclegan(cfg)
+        self.gan = cyclegan.CycleGAN(cfg, self.strategy)
         rng = np.random.default_rng(cfg.seed)
         shape = (cfg.batch_size * self.replicas, cfg.image_size, cfg.image_size, 3)
         self.real_a, self.real_b = (tf.constant(rng.uniform(-1, 1, shape), tf.float32) for _ in "AB")
-        self.pools = (tu.ImagePool(cfg.pool_size, 0), tu.ImagePool(cfg.pool_size, 1))
         self.parts, self.times = {}, []
         timed(self.step, WARMUP_STEPS)
         self.parts.clear()
 
     def step(self):
-        tu.train_step(self.gan, self.real_a, self.real_b, self.pools, self.cfg, self.parts)
+        self.gan.train_step(self.real_a, self.real_b, self.parts)
 
     def time_steps(self, steps):
         self.times += timed(self.step, steps)

@@ -153,7 +153,7 @@ HANDLERS = {
     "train": "train.command",
     "translate": "translate.command",
     "evaluate": "metrics.evaluate",
-    "summary": "models.summary",
+    "summary": "cyclegan.summary",
     "benchmark": "benchmark.command",
     "study": "study.command",
     "convert": "pretrained.convert_command",

@@ -1,12 +1,10 @@
-"""Network builders: generators, PatchGAN discriminators, the adversarial model.
+"""Network builders: generators and PatchGAN discriminators, and the networks as files.
 
-Every builder is a pure function of a `config.Config`; nothing here trains.
+Every builder is a pure function of a `config.Config`; nothing here trains
+(cyclegan.py does).
 """
 import functools
 import logging
-from dataclasses import dataclass
-from types import SimpleNamespace
-from typing import Callable, NamedTuple, Optional
 
 import keras
 import numpy as np
@@ -14,40 +12,9 @@ import tensorflow as tf
 from keras import layers
 
 import machine
-from config import UserError, make_config
+from config import UserError
 from fileio import atomic_write
 from cyclegan_layers import ReflectionPadding2D
-
-
-class Output(NamedTuple):
-    """One output of the adversarial model and the generator loss taken on it.
-
-    `compute` builds the output from `t`, which holds the networks g_ab, g_ba,
-    d_a, d_b and the tensors real_a, real_b, fake_a = g_ba(real_b), fake_b = g_ab(real_a).
-    """
-    name: str
-    loss: str
-    weight: Optional[str]  # the Config field that weights the loss; None: 1
-    target: str            # "ones" (the discriminator's "real"), "real_A" or "real_B"
-    compute: Callable
-
-
-# The generator's losses, declared once: a new loss term is a new row.
-OUTPUTS = (
-    Output("adv_A", "mse", None, "ones", lambda t: t.d_a(t.fake_a)),
-    Output("adv_B", "mse", None, "ones", lambda t: t.d_b(t.fake_b)),
-    Output("cycle_A", "mae", "lambda_cycle", "real_A", lambda t: t.g_ba(t.fake_b)),
-    Output("cycle_B", "mae", "lambda_cycle", "real_B", lambda t: t.g_ab(t.fake_a)),
-    Output("identity_A", "mae", "lambda_identity", "real_A", lambda t: t.g_ba(t.real_a)),
-    Output("identity_B", "mae", "lambda_identity", "real_B", lambda t: t.g_ab(t.real_b)),
-)
-OUTPUT_NAMES = tuple(o.name for o in OUTPUTS)
-OUTPUT_LOSSES = tuple(o.loss for o in OUTPUTS)
-
-
-def loss_weights(cfg):
-    """The weight of each output's loss, in OUTPUTS order."""
-    return [float(getattr(cfg, o.weight)) if o.weight else 1.0 for o in OUTPUTS]
 
 
 def kernel_init(cfg):
@@ -211,108 +178,6 @@ def make_optimizer(cfg):
     return keras.optimizers.Adam(cfg.lr, beta_1=cfg.beta1, epsilon=cfg.adam_epsilon)
 
 
-class KeepLatest(layers.Layer):
-    """Passes its input on and, when training, keeps a float32 copy of it.
-
-    In the adversarial model it keeps the fakes that the generators' update
-    computes, so the discriminator updates need no second pass to make them.
-    """
-
-    def __init__(self, shape, **kwargs):
-        super().__init__(**kwargs)
-        # Under several replicas the loop makes the fakes itself; the first replica's write is harmless.
-        self.latest = self.add_weight(shape=shape, initializer="zeros", trainable=False,
-                                      dtype="float32", aggregation="only_first_replica", name="latest")
-
-    def call(self, inputs, training=False):
-        if training:
-            self.latest.assign(keras.ops.cast(inputs, "float32"))
-        return inputs
-
-
-def build_adversarial_model(g_ab, g_ba, d_a, d_b, cfg):
-    """[real_A, real_B] -> the six generator-loss outputs, discriminators frozen."""
-    shape = (cfg.image_size, cfg.image_size, 3)
-    real_a = keras.Input(shape, name="real_A")
-    real_b = keras.Input(shape, name="real_B")
-    fake_b = KeepLatest((cfg.batch_size,) + shape, name="fake_B")(g_ab(real_a))
-    fake_a = KeepLatest((cfg.batch_size,) + shape, name="fake_A")(g_ba(real_b))
-    t = SimpleNamespace(g_ab=g_ab, g_ba=g_ba, d_a=d_a, d_b=d_b, real_a=real_a, real_b=real_b,
-                        fake_a=fake_a, fake_b=fake_b)
-    outputs = [layers.Identity(name=o.name)(o.compute(t)) for o in OUTPUTS]
-    d_a.trainable = False
-    d_b.trainable = False
-    model = keras.Model([real_a, real_b], outputs, name="adversarial")
-    model.compile(optimizer=make_optimizer(cfg), loss=list(OUTPUT_LOSSES),
-                  loss_weights=loss_weights(cfg), jit_compile=cfg.jit_compile)
-    return model
-
-
-@dataclass
-class CycleGAN:
-    """The four networks, the compiled adversarial model and a compiled translator."""
-    g_ab: keras.Model
-    g_ba: keras.Model
-    d_a: keras.Model
-    d_b: keras.Model
-    adversarial: keras.Model
-
-    jit_compile: bool = False
-
-    def __post_init__(self):
-        # Inference mode, as the chapter's `predict`, but one compiled call
-        # for both directions instead of two `predict` runs per step.
-        @tf.function(reduce_retracing=True, jit_compile=self.jit_compile)
-        def translate(real_a, real_b):
-            return self.g_ab(real_a, training=False), self.g_ba(real_b, training=False)
-        self.translate = translate
-
-    def fakes_of_last_update(self):
-        """(fake_B, fake_A) as the last adversarial update computed them, before it changed G."""
-        # Tensors, not the variables: a variable would make the D updates trace again.
-        return tuple(tf.convert_to_tensor(self.adversarial.get_layer(name).latest)
-                     for name in ("fake_B", "fake_A"))
-
-    @property
-    def patch_shape(self):
-        """Discriminator output shape (no batch axis): the shape of its labels."""
-        return tuple(self.d_a.output.shape[1:])
-
-    def targets(self, real_a, real_b):
-        """The adversarial model's targets for a batch, in OUTPUTS order."""
-        known = {"ones": tf.ones((real_a.shape[0],) + self.patch_shape),
-                 "real_A": real_a, "real_B": real_b}
-        return [known[o.target] for o in OUTPUTS]
-
-    def set_discriminators_trainable(self, flag):
-        # Keras 3 (unlike Keras 2) takes `trainable` from the moment a model's
-        # train function is first built, not from compile: True before each
-        # D update and False before each adversarial update keeps both right
-        # whichever runs first.
-        self.d_a.trainable = flag
-        self.d_b.trainable = flag
-
-
-def build_cyclegan(cfg):
-    """Two generators, two compiled discriminators, one compiled adversarial model.
-
-    Call it inside a `tf.distribute` strategy's scope to place the weights
-    and optimizer states on every replica.
-    """
-    with machine.dtype_policy(cfg.precision):
-        g_ab = build_generator(cfg, "generator_AtoB")
-        g_ba = build_generator(cfg, "generator_BtoA")
-        d_a = build_discriminator(cfg, "discriminator_A")
-        d_b = build_discriminator(cfg, "discriminator_B")
-        for d in (d_a, d_b):
-            # Under mixed_float16 (not bfloat16), Keras 3 adds loss scaling to the optimizer itself.
-            # A loss object, not "mse": Keras 3 cannot reload a .h5 compiled with the string.
-            d.compile(optimizer=make_optimizer(cfg), loss=keras.losses.MeanSquaredError(),
-                      jit_compile=cfg.jit_compile)
-        adversarial = build_adversarial_model(g_ab, g_ba, d_a, d_b, cfg)
-    return CycleGAN(g_ab, g_ba, d_a, d_b, adversarial, cfg.jit_compile)
-
-
 def retyped(model, policy, output_policy=None):
     """The same network and weights with every layer computing under the dtype `policy`
     (the output layer under `output_policy`, where given)."""
@@ -339,18 +204,6 @@ def float32_twin(model):
         twin.compile(optimizer=optimizer.__class__.from_config(optimizer.get_config()),
                      loss=model.loss)
     return twin
-
-
-def summary(args):
-    """`main.py summary`: the networks' sizes, the discriminator's patch and the six losses."""
-    cfg = make_config(args.preset, image_size=args.image_size)
-    gan = build_cyclegan(cfg)
-    for model in (gan.g_ab, gan.g_ba, gan.d_a, gan.d_b):
-        print(f"{model.name} params={model.count_params()}")
-    print(f"discriminator output={'x'.join(map(str, gan.patch_shape))} "
-          f"receptive_field={receptive_field(gan.d_a)}px at {cfg.image_size}px input")
-    for output, weight in zip(OUTPUTS, loss_weights(cfg)):
-        print(f"adversarial output {output.name}: loss={output.loss} weight={weight:g}")
 
 
 def save_h5(model, path):

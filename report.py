@@ -20,10 +20,6 @@ import tensorflow as tf  # noqa: E402
 
 import image_files  # noqa: E402
 from fileio import atomic_write  # noqa: E402
-from models import OUTPUT_NAMES  # noqa: E402
-from train_utils import D_LOSS_NAMES, G_TOTAL  # noqa: E402
-
-PROGRESS_NAMES = D_LOSS_NAMES + (G_TOTAL,)  # shown on the progress bar and lines
 
 # TensorBoard sections: one per group, so the dashboard opens on a handful of them.
 LOSS_TAG = "loss/{}"
@@ -69,14 +65,16 @@ ESTIMATE_AFTER_STEPS = 10
 ESTIMATE_AFTER_S = 30
 
 
-class Progress:
+class RunProgress:
     """A run's progress: a live bar on a terminal, one plain line per epoch anywhere else
     (a file, a cluster's log), and at start and at each epoch how long the whole run takes.
 
-    The speed is measured from the second step on: the first one traces the step.
+    `names`: the losses shown. The speed is measured from the second step
+    on: the first one traces the step.
     """
 
-    def __init__(self, steps_per_epoch, epochs, step, out=None):
+    def __init__(self, steps_per_epoch, epochs, step, names, out=None):
+        self.names = tuple(names)
         self.out = out or sys.stdout
         self.live = hasattr(self.out, "isatty") and self.out.isatty()
         self.steps, self.epochs, self.total = steps_per_epoch, epochs, steps_per_epoch * epochs
@@ -108,7 +106,7 @@ class Progress:
         self.epoch, self.epoch_start = epoch, step
         if self.live:
             self.say(f"Epoch {epoch}/{self.epochs} (learning rate {learning_rate:.3g})")
-            self.bar = keras.utils.Progbar(self.steps, stateful_metrics=PROGRESS_NAMES)
+            self.bar = keras.utils.Progbar(self.steps, stateful_metrics=self.names)
 
     def step_done(self, step, losses):
         if self.clock is None:
@@ -118,10 +116,10 @@ class Progress:
             self.told_estimate = True
             self.say(("\n" if self.live else "") + "Whole run: " + self.estimate(step))
         if self.live:
-            self.bar.update(step - (self.epoch - 1) * self.steps, [(k, losses[k]) for k in PROGRESS_NAMES])
+            self.bar.update(step - (self.epoch - 1) * self.steps, [(k, losses[k]) for k in self.names])
 
     def end_epoch(self, step, mean_losses):
-        losses = " ".join(f"{k} {mean_losses[k]:.4g}" for k in PROGRESS_NAMES if k in mean_losses)
+        losses = " ".join(f"{k} {mean_losses[k]:.4g}" for k in self.names if k in mean_losses)
         estimate = self.estimate(step) if step < self.total else "the run is complete"
         if self.live:
             self.say(f"Whole run: {estimate}" if estimate else "")
@@ -181,14 +179,13 @@ def save_figure(fig, path):
     plt.close(fig)
 
 
-def save_loss_curves(history, path):
-    """Per-epoch mean losses: discriminators, the generators' total, and its six terms on a
-    scale of their own (beside the total they would sit flat near zero)."""
+def save_loss_curves(history, path, panels):
+    """Per-epoch mean losses, one panel per (title, loss names) of `panels` (the model's
+    LOSS_PANELS)."""
     columns = history.read()
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4), layout="constrained")
-    panels = (("Discriminators", D_LOSS_NAMES), ("Generators: total (weighted sum)", (G_TOTAL,)),
-              ("Generators: each term, unweighted", OUTPUT_NAMES))
-    for ax, (title, names) in zip(axes, panels):
+    fig, axes = plt.subplots(1, len(panels), figsize=(16 / 3 * len(panels), 4),
+                             squeeze=False, layout="constrained")
+    for ax, (title, names) in zip(axes[0], panels):
         for name in names:
             ax.plot(columns["epoch"], columns[name], label=name)
         ax.set(title=title, xlabel="epoch", ylabel="mean loss")

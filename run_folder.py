@@ -19,8 +19,6 @@ import numpy as np
 import tensorflow as tf
 
 import config
-import models
-import train_utils as tu
 from config import UserError
 from fileio import FileLock, atomic_write, cannot_write, remove
 
@@ -170,10 +168,8 @@ class RunFolder:
     # --- Models -----------------------------------------------------------
 
     def save_models(self, gan):
-        """The four networks as float32 .h5, each written whole before it replaces the last."""
-        gan.set_discriminators_trainable(True)  # a reloaded discriminator should train
-        for network in MODEL_FILES:
-            models.save_h5(models.float32_twin(getattr(gan, network)), self.model(network))
+        """The model's networks as .h5 files in models/ (gan.save_networks)."""
+        gan.save_networks(self.model)
 
     def has_models(self):
         return all(self.model(network).is_file() for network in MODEL_FILES)
@@ -225,33 +221,18 @@ class LossHistory:
 
 
 class RunCheckpoint:
-    """Everything a resume needs: networks, optimizer states, step, image pools, data position.
+    """Everything a resume needs: the model's state (gan.state()), the step, the data position."""
 
-    Pools live in NumPy while training and are copied into variables only
-    when a checkpoint is written or read.
-    """
-
-    def __init__(self, gan, pools, data_iterator, folder, image_size, keep=3):
-        tu.build_optimizers(gan)
-        self.pools = pools
+    def __init__(self, gan, data_iterator, folder, keep=3):
+        self.gan = gan
         self.step = tf.Variable(0, dtype=tf.int64)
-        self.pool_images = [tf.Variable(tf.zeros((p.size, image_size, image_size, 3))) for p in pools]
-        self.pool_counts = [tf.Variable(0, dtype=tf.int64) for _ in pools]
-        state = dict(g_ab=gan.g_ab, g_ba=gan.g_ba, d_a=gan.d_a, d_b=gan.d_b,
-                     d_a_optimizer=gan.d_a.optimizer, d_b_optimizer=gan.d_b.optimizer,
-                     adversarial_optimizer=gan.adversarial.optimizer, step=self.step,
-                     pool_images=self.pool_images, pool_counts=self.pool_counts)
-        self.without_data = tf.train.Checkpoint(**state)
-        checkpoint = tf.train.Checkpoint(**state, data=data_iterator)
+        checkpoint = tf.train.Checkpoint(**gan.state(), step=self.step, data=data_iterator)
         self.manager = tf.train.CheckpointManager(checkpoint, str(folder), max_to_keep=keep)
 
     def save(self, step):
         """Write the checkpoint of `step`; on failure (a full disk) keep the earlier ones."""
         self.step.assign(step)
-        for pool, images, count in zip(self.pools, self.pool_images, self.pool_counts):
-            if pool.images:
-                images[:len(pool.images)].assign(np.stack(pool.images))
-            count.assign(len(pool.images))
+        self.gan.store_pools()
         try:
             self.manager.save(checkpoint_number=step)
         except (tf.errors.OpError, OSError) as error:
@@ -274,35 +255,16 @@ class RunCheckpoint:
             try:
                 self.manager.checkpoint.restore(path).assert_existing_objects_matched()
             except Exception as error:  # what a damaged file raises varies with the damage
-                if not self.restored_without_data(path, error):
-                    warnings.warn(f"skipping damaged checkpoint {path} ({config.one_line(error)})",
-                                  DamagedCheckpointWarning)
-                    continue
-            for pool, images, count in zip(self.pools, self.pool_images, self.pool_counts):
-                pool.images = list(images.numpy()[:int(count.numpy())])
+                warnings.warn(f"skipping damaged checkpoint {path} ({config.one_line(error)})",
+                              DamagedCheckpointWarning)
+                continue
+            self.gan.load_pools()
             return int(self.step.numpy())  # .numpy(): a MirroredVariable under a strategy
         if candidates:
             raise UserError(f"no checkpoint in {self.manager.directory} can be restored")
         return 0
 
 
-    def restored_without_data(self, path, error):
-        """Whether `path`, whose input position only an older pipeline could take (one that
-        dropped unreadable images, data.domain_dataset), restores without it."""
-        if "dataset iterator" not in str(error):
-            return False
-        try:
-            self.without_data.restore(path).expect_partial().assert_existing_objects_matched()
-        except Exception:  # damaged as well
-            return False
-        warnings.warn(f"{path} holds the input position of an older version of this program; "
-                      "resumed with the images in a new order", InputOrderWarning)
-        return True
-
-
 class DamagedCheckpointWarning(UserWarning):
     """A checkpoint could not be read; an older one is used."""
 
-
-class InputOrderWarning(UserWarning):
-    """A checkpoint's input position is of an older pipeline; the images start a new order."""

@@ -9,12 +9,14 @@ seconds per training step.
 """
 import time
 
+import keras
 import tensorflow as tf
 
 import config
+import cyclegan
 import data
 import metrics
-import train_utils as tu
+import train_utils
 
 # name -> (preset, overrides); a name says what differs from the book preset.
 VARIANTS = {
@@ -45,19 +47,19 @@ def variant_config(name, image_size, seed, precision="auto"):
                               **overrides)
 
 
-def train_steps(gan, pools, batches, cfg, steps):
+def train_steps(gan, batches, steps):
     """Train `steps` steps; returns seconds per step after the first (which traces).
 
     The learning rate stays cfg.lr: a study run is far shorter than any decay schedule.
     """
-    tu.check_finite(tu.train_step(gan, *next(batches), pools, cfg), 1)
+    train_utils.check_finite(gan.train_step(*next(batches)), 1)
     start = time.perf_counter()
     for step in range(2, steps + 1):
-        tu.check_finite(tu.train_step(gan, *next(batches), pools, cfg), step)
+        train_utils.check_finite(gan.train_step(*next(batches)), step)
     return (time.perf_counter() - start) / max(1, steps - 1)
 
 
-def compiled(model, training):
+def traced(model, training):
     """`model` as one traced call (eager Keras calls cost about 0.2 s an image here).
 
     training=True runs BatchNorm on each image's own statistics, as it saw them
@@ -91,7 +93,7 @@ def score(generators, test, colour_map_psnr):
     """Gain over doing nothing (inference and training mode), over the colour-map oracle,
     and cycle L1 on the test batches.
 
-    generators: {training: (G_AB, G_BA)} as `compiled` calls.
+    generators: {training: (G_AB, G_BA)} as `traced` calls.
     """
     batches_a, batches_b = test
     scores = metrics.image_scores(*generators[False], batches_a, batches_b)
@@ -104,23 +106,31 @@ def score(generators, test, colour_map_psnr):
 
 
 class StartingPoint:
-    """A CycleGAN's weights and optimizer states as they are now, to train again from there.
+    """A model's state (gan.state()) as it is now, in memory, to train again from there.
 
-    Restoring them keeps the networks' traced train functions, where building
-    the same networks again would trace them again (about 20 s on 2 cores).
+    Restoring it keeps the networks' traced train functions, where building
+    the same networks again would trace them again.
     """
 
     def __init__(self, gan):
-        tu.build_optimizers(gan)
-        networks = (gan.g_ab, gan.g_ba, gan.d_a, gan.d_b)
-        optimizers = (gan.d_a.optimizer, gan.d_b.optimizer, gan.adversarial.optimizer)
-        self.variables = ([v for m in networks for v in m.weights]
-                          + [v for o in optimizers for v in o.variables])
+        self.gan = gan
+        self.variables = [v for part in gan.state().values() for v in variables_of(part)]
         self.values = [v.numpy() for v in self.variables]
 
     def restore(self):
+        """The state as it was, with empty image pools."""
         for variable, value in zip(self.variables, self.values):
             variable.assign(value)
+        self.gan.empty_pools()
+
+
+def variables_of(part):
+    """The variables of one entry of a model's state: a network, an optimizer or variables."""
+    if isinstance(part, keras.Model):
+        return part.weights
+    if isinstance(part, keras.optimizers.Optimizer):
+        return part.variables
+    return part if isinstance(part, list) else [part]
 
 
 def run_variant(name, datasets, image_size, steps, seed, precision="auto"):
@@ -134,14 +144,14 @@ def run_variant(name, datasets, image_size, steps, seed, precision="auto"):
     gan = start = generators = None
     for dataset, (train_files, test, colour_map_psnr) in datasets.items():
         if gan is None:
-            gan, pools, batches = tu.start_run(cfg, *train_files)
+            gan = cyclegan.CycleGAN.fresh(cfg)
             start = StartingPoint(gan)
-            generators = {training: (compiled(gan.g_ab, training), compiled(gan.g_ba, training))
+            generators = {training: tuple(traced(g, training) for g in gan.generators())
                           for training in (False, True)}
         else:
             start.restore()
-            pools, batches = tu.start_data(cfg, *train_files)
-        seconds = train_steps(gan, pools, batches, cfg, steps)
+        batches = iter(data.train_dataset(*train_files, cfg))
+        seconds = train_steps(gan, batches, steps)
         yield dataset, {**score(generators, test, colour_map_psnr), "s_per_step": seconds}
 
 

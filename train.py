@@ -1,8 +1,9 @@
 """A training run: set-up, resume, the loop over epochs and what each epoch writes.
 
 `python main.py` turns the flags into a Config and calls `train`; the
-pieces the loop uses (the step, pools, schedule) are in train_utils.py,
-the run's folders in run_folder.py, what it shows in report.py.
+model being trained (its step, pools, schedule, state) is cyclegan.py's,
+the loop's pieces are in train_utils.py, the run's folders in
+run_folder.py, what it shows in report.py.
 """
 import contextlib
 import dataclasses
@@ -10,11 +11,12 @@ from collections import defaultdict
 from pathlib import Path
 
 import config
+import cyclegan
 import data
 import machine
 import metrics
 import report
-import train_utils as tu
+import train_utils
 from config import UserError
 from run_folder import RunCheckpoint, RunFolder
 
@@ -107,8 +109,7 @@ class Run:
     cfg: config.Config
     folder: RunFolder
     strategy: object
-    gan: object
-    pools: tuple
+    gan: cyclegan.CycleGAN
     batches: object
     checkpoint: RunCheckpoint
     steps: int                # per epoch
@@ -134,8 +135,8 @@ def run_training(cfg, strategy, root, files_a, files_b, folder, resume):
     if resume:
         print(f"Resuming run {cfg.name} at step {step}.")
     run.logger = report.TensorBoardLogger(folder.logs) if run.chief else report.NoLogger()
-    run.logger.graph(run.gan.g_ab, run.gan.d_a)
-    run.history = folder.losses_history(tu.LOSS_NAMES)
+    run.logger.graph(run.gan.generators()[0], run.gan.discriminators()[0])
+    run.history = folder.losses_history(run.gan.LOSS_NAMES)
     print(f"{len(files_a)} A and {len(files_b)} B images, {run.steps} steps per epoch, "
           f"{cfg.total_epochs} epochs; TensorBoard: tensorboard --logdir {cfg.log_dir}")
     replicas = strategy.num_replicas_in_sync
@@ -150,13 +151,15 @@ def set_up(cfg, strategy, root, files_a, files_b, folder, resume):
                         for d in "AB")
     samples = tuple(data.load_batch(f[:SAMPLE_COUNT], cfg.image_size) for f in (fixed_a, fixed_b))
     probe = metrics.probe_set(fixed_a, fixed_b, cfg.image_size)
-    with tu.out_of_memory_as_user_error(cfg):
-        gan, pools, batches = tu.start_run(cfg, files_a, files_b, strategy)
+    with train_utils.out_of_memory_as_user_error(cfg):
+        gan = cyclegan.CycleGAN.fresh(cfg, strategy)
+    replicas = strategy.num_replicas_in_sync
+    batches = iter(data.train_dataset(files_a, files_b, cfg, replicas))
     with strategy.scope():
-        checkpoint = RunCheckpoint(gan, pools, batches, folder.checkpoints, cfg.image_size)
-    steps = data.steps_per_epoch(files_a, files_b, cfg, strategy.num_replicas_in_sync)
+        checkpoint = RunCheckpoint(gan, batches, folder.checkpoints)
+    steps = data.steps_per_epoch(files_a, files_b, cfg, replicas)
     step = checkpoint.restore() if resume else 0
-    run = Run(cfg, folder, strategy, gan, pools, batches, checkpoint, steps, samples, probe)
+    run = Run(cfg, folder, strategy, gan, batches, checkpoint, steps, samples, probe)
     if run.chief:
         folder.write_config(cfg)  # only now: a failed resume leaves the run's settings as they were
     return run, step
@@ -166,11 +169,11 @@ def run_epochs(run, step):
     """The loop: steps, logging and checkpoints; each epoch's outputs; a stop on request."""
     cfg, steps = run.cfg, run.steps
     checkpoint_every = cfg.checkpoint_every or steps
-    progress = report.Progress(steps, cfg.total_epochs, step)
-    with tu.StopOnSignal() as stop, tu.out_of_memory_as_user_error(cfg):
+    progress = report.RunProgress(steps, cfg.total_epochs, step, run.gan.PROGRESS_NAMES)
+    with train_utils.StopOnSignal() as stop, train_utils.out_of_memory_as_user_error(cfg):
         for epoch in range(step // steps + 1, cfg.total_epochs + 1):
-            lr = tu.learning_rate(epoch - 1, cfg)
-            tu.set_learning_rate(run.gan, lr)
+            lr = run.gan.learning_rate(epoch - 1)
+            run.gan.set_learning_rate(lr)
             progress.start_epoch(epoch, lr, step)
             sums = defaultdict(float)
             first = step % steps
@@ -178,8 +181,8 @@ def run_epochs(run, step):
                 with stop.waiting("the next batch of training images"):
                     real_a, real_b = data.next_batch(run.batches)
                 with stop.waiting_for_workers(run.strategy):
-                    losses = tu.train_step(run.gan, real_a, real_b, run.pools, cfg)
-                tu.check_finite(losses, step + 1)
+                    losses = run.gan.train_step(real_a, real_b)
+                train_utils.check_finite(losses, step + 1)
                 step += 1
                 for key, value in losses.items():
                     sums[key] += value
@@ -187,7 +190,7 @@ def run_epochs(run, step):
                     run.logger.losses(losses, lr, step)
                 progress.step_done(step, losses)
                 with stop.waiting_for_workers(run.strategy):
-                    stopping = tu.agreed_stop(run.strategy, stop.requested)
+                    stopping = train_utils.agreed_stop(run.strategy, stop.requested)
                 mid_epoch = i + 1 < steps  # at its end, the epoch's outputs come first
                 if run.chief and mid_epoch and (step % checkpoint_every == 0 or stopping):
                     with stop.waiting(SAVING):
@@ -217,8 +220,8 @@ def write_epoch_outputs(run, epoch, step, mean_losses):
         grid = folder.sample(epoch)
         report.save_sample_grid(run.gan, *run.samples, grid, f"{cfg.name}, epoch {epoch}")
         run.logger.image_file(report.SAMPLES_TAG, grid, step)
-        report.save_loss_curves(run.history, folder.curves)
-        scores = metrics.image_scores(run.gan.g_ab, run.gan.g_ba, *run.probe)
+        report.save_loss_curves(run.history, folder.curves, run.gan.LOSS_PANELS)
+        scores = metrics.image_scores(*run.gan.generators(), *run.probe)
         run.logger.metrics(scores, step)
         counts = [sum(len(x) for x, _ in batches) for batches in run.probe]
         metrics.save_scores(folder.metrics, scores,

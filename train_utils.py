@@ -1,5 +1,5 @@
-"""The chapter's training-loop pieces: the step, discriminator updates, image pool, schedule,
-replicas, and the stop a signal asks for."""
+"""The training loop's pieces: one optimizer step of a compiled model on every replica, timing,
+the loss check, and the stop a signal or another worker asks for."""
 import contextlib
 import os
 import select
@@ -9,86 +9,11 @@ import threading
 import time
 import weakref
 
-import keras
 import numpy as np
 import tensorflow as tf
 
-import data
 import machine
-import models
 from config import UserError
-from models import OUTPUT_NAMES
-
-D_LOSS_NAMES = ("D_A", "D_B")
-G_TOTAL = "G_total"
-G_LOSS_NAMES = OUTPUT_NAMES + (G_TOTAL,)
-LOSS_NAMES = D_LOSS_NAMES + G_LOSS_NAMES  # what train_step returns
-
-
-class ImagePool:
-    """History of generated images (Shrivastava et al.), as in the paper.
-
-    Until full, returns each new fake and stores it; then, with probability
-    0.5, returns a stored fake and keeps the new one in its place.
-    """
-
-    def __init__(self, size, seed=0):
-        self.size = size
-        self.images = []
-        self.rng = np.random.default_rng(seed)
-
-    def query(self, batch):
-        if self.size == 0:
-            return batch
-        out = []
-        for image in np.asarray(batch):
-            if len(self.images) < self.size:
-                self.images.append(image)
-                out.append(image)
-            elif self.rng.random() < 0.5:
-                i = self.rng.integers(self.size)
-                out.append(self.images[i])
-                self.images[i] = image
-            else:
-                out.append(image)
-        return np.stack(out)
-
-
-def start_run(cfg, files_a, files_b, strategy=None):
-    """A freshly seeded CycleGAN (in the strategy's scope), its two image pools
-    and its endless batches, global ones under several replicas."""
-    strategy = strategy or tf.distribute.get_strategy()
-    keras.utils.set_random_seed(cfg.seed)
-    with strategy.scope():
-        gan = models.build_cyclegan(cfg)
-    return (gan,) + start_data(cfg, files_a, files_b, strategy.num_replicas_in_sync)
-
-
-def start_data(cfg, files_a, files_b, replicas=1):
-    """Two empty image pools and endless batches, from the start of cfg.seed's order."""
-    pools = (ImagePool(cfg.pool_size, cfg.seed), ImagePool(cfg.pool_size, cfg.seed + 1))
-    return pools, iter(data.train_dataset(files_a, files_b, cfg, replicas))
-
-
-def learning_rate(epoch, cfg):
-    """Constant for cfg.epochs, then linear decay to zero over cfg.decay_epochs."""
-    if epoch < cfg.epochs:
-        return cfg.lr
-    return cfg.lr * max(0.0, 1.0 - (epoch - cfg.epochs + 1) / (cfg.decay_epochs + 1))
-
-
-def set_learning_rate(gan, value):
-    for model in (gan.d_a, gan.d_b, gan.adversarial):
-        model.optimizer.learning_rate.assign(value)
-
-
-def build_optimizers(gan):
-    """Create every optimizer slot now, so a checkpoint restores into them at once."""
-    gan.set_discriminators_trainable(True)
-    for d in (gan.d_a, gan.d_b):
-        d.optimizer.build(d.trainable_variables)
-    gan.set_discriminators_trainable(False)
-    gan.adversarial.optimizer.build(gan.adversarial.trainable_variables)
 
 
 def agreed_stop(strategy, requested):
@@ -157,15 +82,6 @@ def split_across_replicas(strategy, tensor):
         lambda context: parts[context.replica_id_in_sync_group])
 
 
-def update_discriminator(d, real, fake, cfg):
-    """One D update (joint) or two (split, the chapter's); returns the D loss."""
-    ones = tf.ones((real.shape[0],) + tuple(d.output.shape[1:]))
-    if cfg.d_update == "joint":
-        # mse over real and fake together is half their sum: the paper's halved loss.
-        return fit_batch(d, tf.concat([real, fake], 0), tf.concat([ones, 0 * ones], 0))["loss"]
-    return 0.5 * (fit_batch(d, real, ones)["loss"] + fit_batch(d, fake, 0 * ones)["loss"])
-
-
 @contextlib.contextmanager
 def timed_part(times, part):
     """Adds the seconds of the block to times[part] (no-op when times is None).
@@ -177,35 +93,6 @@ def timed_part(times, part):
     yield
     if times is not None:
         times[part] = times.get(part, 0.0) + time.perf_counter() - start
-
-
-def train_step(gan, real_a, real_b, pools, cfg, times=None):
-    """One CycleGAN iteration in the official implementation's order: both generators,
-    then both discriminators on the fakes the generators' update computed.
-
-    The adversarial model keeps those fakes, so they cost no second pass;
-    under several replicas, where each replica holds only its share, they
-    are made by a separate inference pass before the generators change.
-    With a dict as `times`, adds the seconds of each part of the step to it.
-    """
-    replicated = gan.adversarial.distribute_strategy.num_replicas_in_sync > 1
-    if replicated:
-        with timed_part(times, "fakes_s"):
-            fakes = gan.translate(real_a, real_b)
-    gan.set_discriminators_trainable(False)
-    with timed_part(times, "adversarial_update_s"):
-        g = fit_batch(gan.adversarial, [real_a, real_b], gan.targets(real_a, real_b))
-    with timed_part(times, "fakes_s"):
-        fake_b, fake_a = fakes if replicated else gan.fakes_of_last_update()
-        fake_a = pools[0].query(fake_a)
-        fake_b = pools[1].query(fake_b)
-    gan.set_discriminators_trainable(True)
-    with timed_part(times, "discriminator_updates_s"):
-        losses = {"D_A": update_discriminator(gan.d_a, real_a, fake_a, cfg),
-                  "D_B": update_discriminator(gan.d_b, real_b, fake_b, cfg)}
-    losses.update({name: g[f"{name}_loss"] for name in OUTPUT_NAMES})
-    losses[G_TOTAL] = g["loss"]
-    return losses
 
 
 class TrainingDiverged(UserError):

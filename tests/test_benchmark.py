@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import benchmark
+import cyclegan
 import machine
-import models
 from config import make_config
 from conftest import run_cli
 
@@ -30,7 +30,7 @@ def test_conv_flops_are_counted_from_kernel_sizes_and_output_shapes():
 
 def test_iteration_counts_eighteen_generator_and_sixteen_discriminator_passes():
     cfg = make_config(image_size=32, filters=8)
-    gan = models.build_cyclegan(cfg)
+    gan = cyclegan.CycleGAN(cfg)
     g = benchmark.conv_gflop(gan.g_ab, 1, 32)
     d = benchmark.conv_gflop(gan.d_a, 1, 32)
     assert g > 0 and d > 0

@@ -257,13 +257,13 @@ def test_a_path_like_dataset_names_the_run_after_the_folder_and_overwrite_stays_
 
 def test_out_of_memory_is_one_line_suggesting_smaller_settings(tmp_path, monkeypatch, capsys):
     import tensorflow as tf
-    import train_utils
+    import cyclegan
 
     def exhausted(*args, **kwargs):
         raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
     tiny_data(tmp_path / "data")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(train_utils, "train_step", exhausted)
+    monkeypatch.setattr(cyclegan.CycleGAN, "train_step", exhausted)
     err = one_line_error(["--data", "data", "--image-size", 32, "--epochs", 1], capsys)
     assert "out of memory" in err and "smaller --image-size or --batch-size" in err
 

@@ -38,7 +38,7 @@ def test_mirrored_steps_match_one_device_with_the_same_global_batch(tmp_path):
     out = run_python("""
         import numpy as np, keras
         from config import make_config
-        import models, train_utils as tu
+        import cyclegan
         rng = np.random.default_rng(0)
         batches = [[rng.uniform(-1, 1, (2, 32, 32, 3)).astype("float32") for _ in "AB"] for _ in range(3)]
 
@@ -50,11 +50,10 @@ def test_mirrored_steps_match_one_device_with_the_same_global_batch(tmp_path):
             cfg = make_config(image_size=32, res_norm="instance", filters=8, batch_size=batch_size,
                               precision="float32")
             keras.utils.set_random_seed(0)
-            with strategy.scope():
-                gan = models.build_cyclegan(cfg)
+            gan = cyclegan.CycleGAN(cfg, strategy)
             before = weights(gan)
             for a, b in images:
-                tu.train_step(gan, tf.constant(a), tf.constant(b), (tu.ImagePool(0), tu.ImagePool(0)), cfg)
+                gan.train_step(tf.constant(a), tf.constant(b))
             return before, weights(gan)
 
         mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
@@ -91,12 +90,12 @@ WORKER = f"""
 import sys
 sys.path.insert(0, {str(ROOT)!r})
 import numpy as np
-import main, train_utils as tu
+import cyclegan, main
 built = []
-start_run = tu.start_run
-tu.start_run = lambda *args: built.append(start_run(*args)) or built[-1]
+fresh = cyclegan.CycleGAN.fresh
+cyclegan.CycleGAN.fresh = lambda *args: built.append(fresh(*args)) or built[-1]
 code = main.main(sys.argv[2:])
-g = built[0][0].g_ab
+g = built[0].g_ab
 np.savez(sys.argv[1], *g.get_weights())
 sys.exit(code)
 """
@@ -223,14 +222,14 @@ def test_ctrl_c_ends_a_worker_waiting_for_its_peer(tmp_path):
 COLLECTIVE = f"""
 import sys, time
 sys.path.insert(0, {str(ROOT)!r})
-import machine, train_utils as tu
+import machine, train_utils
 strategy = machine.make_strategy("multiworker")
 if sys.argv[1] == "1":
     print("ready", flush=True)
     time.sleep(600)  # alive, so no heartbeat is missed, but never in the all-reduce
-with tu.StopOnSignal() as stop, stop.waiting_for_workers(strategy):
+with train_utils.StopOnSignal() as stop, stop.waiting_for_workers(strategy):
     print("ready", flush=True)
-    tu.agreed_stop(strategy, None)
+    train_utils.agreed_stop(strategy, None)
 """
 
 

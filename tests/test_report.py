@@ -8,9 +8,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-import models
+import cyclegan
 import report
-import train_utils as tu
 from config import make_config
 from conftest import page_links, read_tensorboard
 from run_folder import RunFolder
@@ -19,7 +18,7 @@ from run_folder import RunFolder
 @pytest.fixture(scope="module")
 def small_gan():
     keras.utils.set_random_seed(0)
-    return models.build_cyclegan(make_config(image_size=32, precision="float32"))
+    return cyclegan.CycleGAN(make_config(image_size=32, precision="float32"))
 
 
 def test_sample_grid_is_written(small_gan, tmp_path):
@@ -40,21 +39,22 @@ def test_sample_grid_takes_domains_with_different_sample_counts(small_gan, tmp_p
 
 
 def test_loss_curves_show_the_generator_terms_on_a_panel_of_their_own(tmp_path):
-    history = RunFolder(tmp_path, tmp_path, "run").losses_history(tu.LOSS_NAMES)
+    history = RunFolder(tmp_path, tmp_path, "run").losses_history(cyclegan.LOSS_NAMES)
     history.path.parent.mkdir(parents=True)
     for epoch in (1, 2, 3):
-        history.append(epoch, {k: (30.0 if k == tu.G_TOTAL else 0.1) * epoch for k in tu.LOSS_NAMES})
+        history.append(epoch, {k: (30.0 if k == cyclegan.G_TOTAL else 0.1) * epoch
+                               for k in cyclegan.LOSS_NAMES})
     drawn = {}
     original = report.save_figure
     report.save_figure = lambda fig, path: drawn.update(fig=fig) or original(fig, path)
     try:
-        report.save_loss_curves(history, tmp_path / "loss_curves.png")
+        report.save_loss_curves(history, tmp_path / "loss_curves.png", cyclegan.CycleGAN.LOSS_PANELS)
     finally:
         report.save_figure = original
     panels = {ax.get_title(): {line.get_label() for line in ax.get_lines()} for ax in drawn["fig"].axes}
     terms = next(labels for title, labels in panels.items() if "each term" in title)
-    assert terms == set(models.OUTPUT_NAMES)  # readable: not beside G_total's scale
-    assert all(tu.G_TOTAL not in labels for title, labels in panels.items() if "each term" in title)
+    assert terms == set(cyclegan.OUTPUT_NAMES)  # readable: not beside G_total's scale
+    assert all(cyclegan.G_TOTAL not in labels for title, labels in panels.items() if "each term" in title)
     assert (tmp_path / "loss_curves.png").stat().st_size > 1000
 
 
@@ -112,7 +112,8 @@ def test_progress_off_a_terminal_is_plain_lines_with_the_whole_runs_estimate(mon
     out = io.StringIO()  # not a terminal, as a file under nohup or a cluster's log
     clock = iter(range(1000))
     monkeypatch.setattr(report.time, "monotonic", lambda: float(next(clock)))
-    progress = report.Progress(steps_per_epoch=20, epochs=3, step=0, out=out)
+    progress = report.RunProgress(steps_per_epoch=20, epochs=3, step=0,
+                                  names=cyclegan.CycleGAN.PROGRESS_NAMES, out=out)
     step = 0
     for epoch in (1, 2):
         progress.start_epoch(epoch, 2e-4, step)

@@ -55,7 +55,7 @@ def test_killed_run_leaves_loadable_files_resumes_where_it_stopped_and_nan_keeps
     assert latest_checkpoint_step(run) == 12
     assert sorted(p.name for p in (run / "samples").iterdir()) == [
         "epoch_0001.png", "epoch_0002.png", "epoch_0003.png"]
-    assert len(tu_history(run)) == 3
+    assert len(history_epochs(run)) == 3
     steps = [e.step for e in read_tensorboard(tmp_path / "logs" / "k").Tensors("loss/D_A")]
     assert max(steps) == 12 and min(steps) == 1  # continues, no restart at 0
 
@@ -72,10 +72,10 @@ def test_killed_run_leaves_loadable_files_resumes_where_it_stopped_and_nan_keeps
     assert latest_checkpoint_step(run) == 12
 
 
-def tu_history(run):
-    import train_utils
+def history_epochs(run):
+    import cyclegan
     from run_folder import RunFolder
-    history = RunFolder(run.parent, run.parent, run.name).losses_history(train_utils.LOSS_NAMES)
+    history = RunFolder(run.parent, run.parent, run.name).losses_history(cyclegan.LOSS_NAMES)
     return history.read()["epoch"]
 
 
@@ -105,8 +105,8 @@ def test_a_stop_at_an_epochs_last_step_still_writes_that_epoch(tmp_path, monkeyp
     """SIGINT during the last step of epoch 1, then of the last epoch: rows, samples, models."""
     import signal
     import main
-    import train_utils
-    real_step = train_utils.train_step
+    import cyclegan
+    real_step = cyclegan.CycleGAN.train_step
     calls = {"n": 0, "stop_at": 4}
 
     def step_then_signal(*args):
@@ -115,7 +115,7 @@ def test_a_stop_at_an_epochs_last_step_still_writes_that_epoch(tmp_path, monkeyp
         if calls["n"] == calls["stop_at"]:
             signal.raise_signal(signal.SIGINT)
         return losses
-    monkeypatch.setattr(train_utils, "train_step", step_then_signal)
+    monkeypatch.setattr(cyclegan.CycleGAN, "train_step", step_then_signal)
     tiny_data(tmp_path / "data")  # 4 A images: 4 steps per epoch
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "results" / "e"
@@ -123,12 +123,12 @@ def test_a_stop_at_an_epochs_last_step_still_writes_that_epoch(tmp_path, monkeyp
     assert main.main(common + ["--image-size", "32", "--epochs", "2", "--sample-every", "1",
                               "--save-every", "5"]) == 0
     assert latest_checkpoint_step(run) == 4
-    assert list(tu_history(run)) == [1]
+    assert list(history_epochs(run)) == [1]
     assert (run / "samples" / "epoch_0001.png").is_file()
 
     calls.update(n=0, stop_at=4)  # the resumed run's 4th step is the last of the last epoch
     assert main.main(common + ["--resume"]) == 0
-    assert list(tu_history(run)) == [1, 2]
+    assert list(history_epochs(run)) == [1, 2]
     assert sorted(p.name for p in (run / "models").iterdir()) == [
         "discriminatorA.h5", "discriminatorB.h5", "generatorAToB.h5", "generatorBToA.h5"]
     assert latest_checkpoint_step(run) == 8

@@ -7,7 +7,7 @@ import config
 import data
 import generated
 import study
-import train_utils as tu
+import cyclegan
 from conftest import one_line_error, run_cli
 
 
@@ -78,10 +78,11 @@ def test_study_steps_below_two_is_a_one_line_error(capsys):
 def test_a_restored_starting_point_trains_again_exactly_as_from_the_build(tiny_dataset):
     cfg = config.make_config(image_size=32, filters=8)
     files = [data.domain_files(tiny_dataset, "train", d) for d in "AB"]
-    gan, pools, batches = tu.start_run(cfg, *files)
+    gan = cyclegan.CycleGAN.fresh(cfg)
+    batches = iter(data.train_dataset(*files, cfg))
     start = study.StartingPoint(gan)
     weights = lambda: [v.numpy() for v in start.variables]
-    tu.train_step(gan, *next(batches), pools, cfg)
+    gan.train_step(*next(batches))
     after_one_step = weights()
     assert gan.adversarial.optimizer.iterations.numpy() == 1
     assert not all(np.array_equal(a, b) for a, b in zip(after_one_step, start.values))
@@ -89,7 +90,7 @@ def test_a_restored_starting_point_trains_again_exactly_as_from_the_build(tiny_d
     start.restore()
     for now, then in zip(weights(), start.values):  # networks and optimizer states
         np.testing.assert_array_equal(now, then)
-    pools, batches = tu.start_data(cfg, *files)
-    tu.train_step(gan, *next(batches), pools, cfg)
+    batches = iter(data.train_dataset(*files, cfg))
+    gan.train_step(*next(batches))
     for again, first in zip(weights(), after_one_step):
         np.testing.assert_allclose(again, first, atol=1e-6)

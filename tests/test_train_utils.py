@@ -1,0 +1,74 @@
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import keras
+
+import train_utils
+from conftest import ENV, ROOT
+
+
+def test_non_finite_loss_stops_training_with_its_name_and_step():
+    train_utils.check_finite({"D_A": 0.5, "G_total": 3.0}, step=7)
+    with pytest.raises(train_utils.TrainingDiverged, match="loss adv_B became nan at step 7"):
+        train_utils.check_finite({"D_A": 0.5, "adv_B": float("nan")}, step=7)
+    with pytest.raises(train_utils.TrainingDiverged, match="inf"):
+        train_utils.check_finite({"G_total": float("inf")}, step=1)
+
+
+def test_fit_batch_traces_a_models_train_step_once():
+    """What fit_batch's private `_symbolic_build` call buys: one trace of the step, not two."""
+    def counted_model():
+        inputs = keras.Input((4,))
+        model = keras.Model(inputs, keras.layers.Dense(2)(inputs))
+        model.compile(optimizer="adam", loss="mse")
+        traces, step = [], model.train_step
+        model.train_step = lambda batch: (traces.append(1), step(batch))[1]
+        return model, traces
+
+    x, y = np.ones((2, 4), np.float32), np.ones((2, 2), np.float32)
+    plain, plain_traces = counted_model()
+    ours, our_traces = counted_model()
+    for _ in range(2):
+        plain.train_on_batch(x, y)
+        train_utils.fit_batch(ours, x, y)
+    assert len(our_traces) == 1
+    assert len(plain_traces) == 2, "Keras now traces once by itself: fit_batch's _symbolic_build can go"
+
+
+BLOCKED = f"""
+import os, sys
+sys.path.insert(0, {str(ROOT)!r})
+import tensorflow as tf
+import train_utils
+os.mkfifo("fifo")  # nothing ever writes to it: reading it blocks inside TensorFlow
+batches = iter(tf.data.Dataset.from_tensors("fifo").map(tf.io.read_file))
+with train_utils.StopOnSignal() as stop, stop.waiting("a file that never comes"):
+    print("waiting", flush=True)
+    next(batches)
+"""
+
+
+@pytest.mark.parametrize("signals, timeout, code, words", [
+    (["SIGTERM"], None, 143, "SIGTERM: still waiting for a file that never comes; stopped"),
+    (["SIGINT", "SIGINT"], None, 130, "SIGINT again: stopped at once"),
+    ([], "2", 2, "error: waited 2 s for a file that never comes (CYCLEGAN_TIMEOUT sets how long)"),
+])
+def test_a_wait_blocked_inside_tensorflow_still_ends_on_a_signal_or_its_deadline(
+        tmp_path, signals, timeout, code, words):
+    """A Python signal handler cannot run while the main thread blocks in TensorFlow."""
+    import signal
+    import time
+    env = {**ENV, "CYCLEGAN_TIMEOUT": timeout} if timeout else ENV
+    process = subprocess.Popen([sys.executable, "-c", BLOCKED], cwd=tmp_path, env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout.readline() == "waiting\n", process.communicate()
+    for name in signals:
+        time.sleep(0.5)
+        process.send_signal(getattr(signal, name))
+    _, err = process.communicate(timeout=train_utils.StopOnSignal.GRACE_S + 30)
+    last = err.strip().splitlines()[-1]  # after TensorFlow's own start-up notes
+    assert process.returncode == code, err
+    assert last.startswith(words) and "without a new checkpoint; the last one is kept" in last, err
