@@ -199,8 +199,7 @@ def format_figures(figures, prefix=""):
 
 def command(args):
     """`main.py benchmark`: the figures of the step and pipeline, or float32 against auto."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config.Config)}
-    cfg = config.make_config(given.pop("preset") or "book", **given)
+    cfg = config.from_flags(args)
     if args.steps < 1 or args.pipeline_images < 1:
         raise config.UserError("--steps and --pipeline-images must be at least 1")
     if args.compare:

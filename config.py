@@ -172,9 +172,6 @@ ARCHITECTURE_FIELDS = ("image_size", "gen", "filters", "res_blocks", "norm", "re
 RESUME_FIXED = ARCHITECTURE_FIELDS + ("preset", "data", "seed", "load_size", "limit",
                                       "steps_per_epoch", "precision", "strategy")
 
-# What a setting was in runs saved before config.json held it: such runs
-# resume with the networks they were trained with.
-BEFORE_IT_WAS_SAVED = {"alignment": "keras", "disc_filters": 64, "gen": "resnet"}
 # Settings that say where a run is: taken from the command line, never from a saved config.
 LOCATION_FIELDS = ("name", "results_dir", "log_dir")
 
@@ -228,6 +225,20 @@ def make_config(preset="book", **overrides):
     return cfg
 
 
+def given_flags(args):
+    """{field: value} of the Config flags given on the command line (those not given are None)."""
+    given = {f.name: getattr(args, f.name, None) for f in dataclasses.fields(Config)}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def from_flags(args, **defaults):
+    """The Config of a command's parsed flags: the preset (--preset, else defaults' or book),
+    then `defaults` (a command's own, such as DEMO_DEFAULTS), then every Config flag given."""
+    given = given_flags(args)
+    preset = given.pop("preset", defaults.pop("preset", "book"))
+    return make_config(preset, **{**defaults, **given})
+
+
 def checked_settings(saved):
     """The settings of a saved config.json (a parsed JSON value), checked against Config's
     fields, types, ranges and choices; location fields left out.
@@ -236,9 +247,6 @@ def checked_settings(saved):
     """
     if not isinstance(saved, dict):
         raise UserError(f"a JSON object of settings was expected, not {type(saved).__name__}")
-    saved = {**BEFORE_IT_WAS_SAVED, **saved}
-    if "mixed_precision" in saved:  # a run from before --precision
-        saved["precision"] = "float16" if saved.pop("mixed_precision") is True else "float32"
     settings = {}
     for field in dataclasses.fields(Config):
         if field.name in LOCATION_FIELDS:

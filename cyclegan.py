@@ -336,4 +336,4 @@ class CycleGAN:
 
 def summary(args):
     """`main.py summary`: the networks' sizes, the discriminator's patch and the six losses."""
-    print("\n".join(CycleGAN(config.make_config(args.preset, image_size=args.image_size)).describe()))
+    print("\n".join(CycleGAN(config.from_flags(args)).describe()))

@@ -26,9 +26,13 @@ class Parser(argparse.ArgumentParser):
         raise config.UserError(message)
 
 
-def add_config_flags(parser):
-    """One flag per Config field, defaulting to None so presets fill the gaps."""
+def add_config_flags(parser, names=None):
+    """A flag per Config field (or per field in `names`): each flag declared once, with its
+    help beside the field, its check in config.validate, and a default of None so the
+    preset, the command (config.from_flags) or a saved run fills the gaps."""
     for field in dataclasses.fields(config.Config):
+        if names is not None and field.name not in names:
+            continue
         flag = config.flag(field.name)
         text = config.flag_help(field).replace("%", "%%")
         if field.type is bool or isinstance(field.default, bool):
@@ -39,12 +43,10 @@ def add_config_flags(parser):
 
 
 def add_evaluate_flags(parser):
-    parser.add_argument("--name", help="the run in RESULTS_DIR/NAME to score")
+    # --name, --data and --image-size: the run's, where one is scored.
+    add_config_flags(parser, ("name", "data", "image_size", "results_dir"))
     parser.add_argument("--generators", nargs=2, metavar=("A2B", "B2A"),
                         help="score these saved generators instead of a run's")
-    parser.add_argument("--data", help="dataset (default: the run's)")
-    parser.add_argument("--image-size", type=int, help="pixels (default: the run's)")
-    parser.add_argument("--results-dir", default="results")
     parser.add_argument("--no-fid", action="store_true", help="skip FID and KID")
     parser.add_argument("--inception-weights", help="a local InceptionV3 (no top) weights file")
 
@@ -55,10 +57,7 @@ def add_study_flags(parser):
                         help="datasets with a paired truth (default: photos painterly)")
     parser.add_argument("--variants", nargs="+", help="variants to train (default: all; see docs/study.md)")
     parser.add_argument("--steps", type=int, help="training steps per variant (default: 160)")
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--precision", default="auto", choices=config.CHOICES["precision"],
-                        help="compute dtype, as for train (auto: bfloat16 where native)")
+    add_config_flags(parser, ("image_size", "seed", "precision"))  # image size: the demo data's
 
 
 def build_parser():
@@ -88,9 +87,7 @@ def build_parser():
                            help="folder for the translations (for one clip also a video file)")
     translate.add_argument("--overwrite", action="store_true",
                            help="replace translations already in --output")
-    translate.add_argument("--precision", default="auto", choices=config.CHOICES["precision"],
-                           help="compute dtype; auto: bfloat16 where the hardware has it "
-                                "natively, else float32 (as in training)")
+    add_config_flags(translate, ("precision",))
     translate.add_argument("--max-size", type=int, default=0, metavar="N",
                            help="scale images whose longer side exceeds N down to N first "
                                 "(the official --load_size); 0: translate at full size")
@@ -101,8 +98,7 @@ def build_parser():
                                 "in bounded memory, with the same result; 0: whole")
     add_evaluate_flags(commands.add_parser("evaluate", help="score a trained run on the test split"))
     summary = commands.add_parser("summary", help="print the models' sizes and outputs")
-    summary.add_argument("--preset", default="book", choices=tuple(config.PRESETS))
-    summary.add_argument("--image-size", type=int, default=None)
+    add_config_flags(summary, ("preset", "image_size"))
     add_study_flags(commands.add_parser(
         "study", help="compare settings by how much a short run beats doing nothing"))
     convert = commands.add_parser("convert", help="an official PyTorch CycleGAN .pth into a Keras .h5")
@@ -110,8 +106,7 @@ def build_parser():
     source.add_argument("--pth", help="a ResnetGenerator or 70x70 NLayerDiscriminator state dict")
     source.add_argument("--pretrained", metavar="NAME", help="an official pretrained model's name")
     convert.add_argument("--output", required=True, help="the .h5 (or .keras) to write")
-    convert.add_argument("--image-size", type=int, default=256,
-                         help="a discriminator's input size (generators take any size)")
+    add_config_flags(convert, ("image_size",))  # the paper preset's: a discriminator's input
     export = commands.add_parser("export", help="a saved generator as .keras, SavedModel, ONNX or LiteRT")
     export.add_argument("--generator", required=True, help="a saved generator .h5")
     export.add_argument("--format", required=True,

@@ -249,17 +249,14 @@ def evaluation_target(args):
     if args.generators:
         if not args.data:
             raise UserError("--generators needs --data")
-        name = args.name or f"{Path(args.data).resolve().name}-eval"
-        size = args.image_size or (config.DEMO_DEFAULTS["image_size"] if args.data == "demo"
-                                   else config.Config.image_size)
-        folder = RunFolder(args.results_dir, config.Config.log_dir, name)
-        return folder, args.generators, args.data, size, False
+        cfg = config.from_flags(args, name=f"{Path(args.data).resolve().name}-eval",
+                                **(config.DEMO_DEFAULTS if args.data == "demo" else {}))
+        return RunFolder.of(cfg), args.generators, cfg.data, cfg.image_size, False
     if not args.name:
         raise UserError("evaluate needs --name NAME (a training run) or --generators A2B B2A --data D")
-    folder = RunFolder(args.results_dir, config.Config.log_dir, args.name)
-    saved = folder.saved_settings()
-    return (folder, [folder.model("g_ab"), folder.model("g_ba")], args.data or saved["data"],
-            args.image_size or saved["image_size"], True)
+    folder = RunFolder(args.results_dir or config.Config.results_dir, config.Config.log_dir, args.name)
+    cfg = config.from_flags(args, **folder.saved_settings())  # the run's, but for the flags given
+    return folder, [folder.model("g_ab"), folder.model("g_ba")], cfg.data, cfg.image_size, True
 
 
 def fid_kid_scores(args, g_ab, g_ba, files_a, files_b, size):
@@ -278,7 +275,6 @@ def evaluate(args):
     """`main.py evaluate`: score a run's (or two saved) generators on a test split."""
     import models
     folder, generators, dataset, size, is_run = evaluation_target(args)
-    config.make_config(image_size=size)  # the same size checks as training
     g_ab, g_ba = (models.load_generator(path) for path in generators)
     root = data.resolve_dataset(dataset)
     folder.check_apart_from([root])

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 import download
-from config import UserError, make_config
+from config import UserError, from_flags, make_config
 from fileio import checked_output
 
 DEFAULT_URL = "http://efrosgans.eecs.berkeley.edu/cyclegan/pretrained_models/{name}.pth"
@@ -308,7 +308,7 @@ def convert_command(args):
     if args.pretrained:
         model = convert_pretrained(args.pretrained, args.output)
     else:
-        model = convert(args.pth, args.output, args.image_size)
+        model = convert(args.pth, args.output, from_flags(args, preset="paper").image_size)
     print(f"Converted {args.pth or args.pretrained} ({describe(model)}) into {args.output}")
 
 

@@ -211,5 +211,7 @@ def command(args):
     steps = DEFAULT_STEPS if args.steps is None else args.steps
     if steps < 2:
         raise config.UserError(f"--steps must be at least 2, got {steps}")
-    run_study(args.datasets or DATASETS, args.variants or tuple(VARIANTS), args.image_size, steps,
-              args.seed, precision=args.precision)
+    # The study's runs are as small as the demo data's.
+    base = config.from_flags(args, image_size=config.DEMO_DEFAULTS["image_size"])
+    run_study(args.datasets or DATASETS, args.variants or tuple(VARIANTS), base.image_size, steps,
+              base.seed, precision=base.precision)

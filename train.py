@@ -52,18 +52,14 @@ def config_from_args(args):
     flags may change only what shapes neither the networks nor the data
     (resumed_config).
     """
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(config.Config)}
-    given = {k: v for k, v in given.items() if v is not None}
+    given = config.given_flags(args)
     data = given.get("data", "demo")
     # The dataset folder's own name, also for paths such as `..` or `photos/`.
-    given.setdefault("name", Path(data).resolve().name or "run")
-    config.check_run_name(given["name"])
+    name = given.get("name", Path(data).resolve().name or "run")
+    config.check_run_name(name)
     if args.resume:
-        return resumed_config(given)
-    preset = given.pop("preset", "book")
-    if data == "demo":
-        given = {**config.DEMO_DEFAULTS, **given}
-    return config.make_config(preset, **given)
+        return resumed_config({**given, "name": name})
+    return config.from_flags(args, name=name, **(config.DEMO_DEFAULTS if data == "demo" else {}))
 
 
 def command(args):

@@ -47,7 +47,7 @@ def command(args):
     else:
         generator = args.generator
     translate(generator, args.input, args.output, overwrite=args.overwrite,
-              precision=args.precision, max_size=args.max_size, keep_size=args.keep_size,
+              precision=config.from_flags(args).precision, max_size=args.max_size, keep_size=args.keep_size,
               tile=args.tile)
 
 
