@@ -29,7 +29,7 @@ def op_error_text(error):
 
 
 def setting(default, help, shown=None):
-    """A Config field with its help text, for --help and the README's flag table.
+    """A Config field with its help text, for --help and docs/flags.md's table.
 
     `shown` stands for the default where the CLI fills it in some other way.
     """
@@ -299,7 +299,7 @@ def validate(cfg):
             raise UserError(f"{flag(field)} must be one of {', '.join(options)}")
 
 
-# --- Help text: `main.py train --help` and the README's flag table -----------
+# --- Help text: `main.py train --help` and docs/flags.md's table ------------
 
 # Flags of the train command that are not settings of the run.
 RUN_FLAGS = {
@@ -341,7 +341,7 @@ def flag_name(name, value):
 
 
 def flags_markdown():
-    """The README's table of the train command's flags, made from Config's help texts."""
+    """docs/flags.md's table of the train command's flags, made from Config's help texts."""
     def cell(text):
         return text.replace("|", "\\|")
     rows = ["| flag | book (default) | paper | fast | meaning |", "|---|---|---|---|---|"]
@@ -356,4 +356,4 @@ def flags_markdown():
 
 
 if __name__ == "__main__":
-    print(flags_markdown())  # paste into README.md; tests/test_config.py checks that it matches
+    print(flags_markdown())  # paste into docs/flags.md; tests/test_config.py checks that it matches
