@@ -31,10 +31,8 @@ def serving_function(generator, size=(None, None)):
     """uint8 NHWC images of any size (or of `size`) -> translated uint8 images of the same size."""
     @tf.function(input_signature=[tf.TensorSpec((None, *size, 3), tf.uint8, name="images")])
     def serve(images):
-        height, width = tf.shape(images)[1], tf.shape(images)[2]
-        padded = models.edge_pad(images)
-        out = generator(image_files.to_network(padded), training=False)
-        return {"images": image_files.to_uint8(out[:, :height, :width])}
+        out = models.translate_padded(generator, image_files.to_network(images))
+        return {"images": image_files.to_uint8(out)}
     return serve
 
 

@@ -238,7 +238,7 @@ def in_precision(generator, precision):
     return retyped(generator, machine.POLICIES[precision], "float32")
 
 
-def edge_pad(images, multiple=4):
+def edge_pad(images, multiple):
     """NHWC images edge-padded at the bottom and right to a multiple of `multiple` (a tensor)."""
     height, width = tf.shape(images)[1], tf.shape(images)[2]
     rows = tf.minimum(tf.range(height + -height % multiple), height - 1)
@@ -246,8 +246,24 @@ def edge_pad(images, multiple=4):
     return tf.gather(tf.gather(images, rows, axis=1), cols, axis=2)
 
 
+def size_multiple(generator):
+    """What a generator's input sides must be a multiple of: the product of its downsampling
+    strides (4 for the resnet generator's two stride-2 convs)."""
+    multiple = 1
+    for layer in generator.layers:
+        if type(layer) is layers.Conv2D and layer.strides[0] > 1:
+            multiple *= layer.strides[0]
+    return multiple
+
+
+def translate_padded(generator, images):
+    """NHWC [-1, 1] images of any size through `generator`: edge-padded to its size_multiple,
+    translated in inference mode, cropped back (a tensor)."""
+    height, width = tf.shape(images)[1], tf.shape(images)[2]
+    out = generator(edge_pad(images, size_multiple(generator)), training=False)
+    return out[:, :height, :width]
+
+
 def translate_any_size(generator, image):
-    """Translate one HxWx3 [-1, 1] image of any size: edge-pad to a multiple of 4, crop back."""
-    h, w = image.shape[:2]
-    padded = edge_pad(tf.convert_to_tensor(image)[None])
-    return np.asarray(generator(padded, training=False)[0])[:h, :w]
+    """Translate one HxWx3 [-1, 1] image of any size (translate_padded) into a NumPy array."""
+    return np.asarray(translate_padded(generator, tf.convert_to_tensor(image)[None])[0])

@@ -170,9 +170,8 @@ class Translator:
 
     def translate_batch(self, images):
         """uint8 NHWC images -> float32 [-1, 1] translations of the same size."""
-        height, width = tf.shape(images)[1], tf.shape(images)[2]
-        padded = models.edge_pad(image_files.to_network(images))
-        return tf.cast(self.generator(padded, training=False)[:, :height, :width], tf.float32)
+        return tf.cast(models.translate_padded(self.generator, image_files.to_network(images)),
+                       tf.float32)
 
     def __call__(self, images, size=None):
         """uint8 NHWC images of one size -> float32 translations (scaled to `size`, where given)."""
