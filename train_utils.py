@@ -213,11 +213,12 @@ class TrainingDiverged(UserError):
     exit_code = 3
 
 
-def check_finite(losses, step):
+def check_finite(losses, step, kept=None):
+    """Raise TrainingDiverged if a loss is not finite; `kept()`, if given, says what the run keeps."""
     for name, value in losses.items():
         if not np.isfinite(value):
-            raise TrainingDiverged(f"loss {name} became {value} at step {step}; training stopped, "
-                                   "the last checkpoint and saved models are kept (try a lower --lr)")
+            raise TrainingDiverged(f"loss {name} became {value} at step {step}; training stopped"
+                                   + (f", {kept()}" if kept else "") + " (try a lower --lr)")
 
 
 @contextlib.contextmanager
@@ -230,11 +231,13 @@ def out_of_memory_as_user_error(cfg):
                         f"{cfg.batch_size}; try a smaller --image-size or --batch-size") from None
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# SIGHUP: the terminal or SSH session the run started in was closed.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class StopOnSignal:
-    """SIGINT/SIGTERM: a request the loop honours after its current step, saving a checkpoint.
+    """SIGINT/SIGTERM/SIGHUP: a request the loop honours after its current step, saving a
+    checkpoint.
 
     The loop marks the waits it may block in (`waiting`). A second signal,
     or the first while a wait lasts GRACE_S beyond it (plus twice the
@@ -263,6 +266,18 @@ class StopOnSignal:
 
     def request(self, signum, frame):
         self.requested = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            detach_from_terminal()
+
+
+def detach_from_terminal():
+    """Point stdout and stderr that are a terminal at /dev/null: after a hang-up, writing to the
+    closed terminal fails (EIO), and the step's progress line would end the run before it saves."""
+    sys.stdout.flush()
+    with open(os.devnull, "w") as devnull:
+        for fd in (1, 2):
+            if os.isatty(fd):
+                os.dup2(devnull.fileno(), fd)
 
     def __exit__(self, *exc):
         signal.set_wakeup_fd(self.previous_fd)

@@ -13,8 +13,8 @@ import models
 import train_utils as tu
 from config import UserError, make_config
 from conftest import ROOT, one_line_error, tiny_data
-from run_folder import (MODEL_FILES, DamagedCheckpointWarning, InputOrderWarning, RunCheckpoint,
-                        RunFolder)
+from run_folder import (MODEL_FILES, RUN_MARK, DamagedCheckpointWarning, InputOrderWarning,
+                        RunCheckpoint, RunFolder)
 
 
 @pytest.fixture(scope="module")
@@ -208,11 +208,12 @@ def test_a_link_planted_in_a_run_folder_never_redirects_a_write(tmp_path, monkey
 def test_overwrite_removes_links_inside_the_run_never_what_they_point_to(tmp_path):
     folder = RunFolder(tmp_path / "results", tmp_path / "logs", "run")
     folder.root.mkdir(parents=True)
+    (folder.root / RUN_MARK).write_text("")
     (tmp_path / "precious").mkdir()
     (tmp_path / "precious" / "keep.txt").write_text("mine")
     (folder.root / "models").symlink_to(tmp_path / "precious")
     (folder.root / "config.json").symlink_to(tmp_path / "precious" / "keep.txt")
-    folder.open([tmp_path / "data"], overwrite=True).release()
+    folder.open([tmp_path / "data"], overwrite=True).close()
     assert (tmp_path / "precious" / "keep.txt").read_text() == "mine"
     assert not folder.config.exists() and folder.models.is_dir() and not folder.models.is_symlink()
 
@@ -231,7 +232,7 @@ def test_parents_named_by_the_user_may_be_links(tmp_path):
     (tmp_path / "big_disk").mkdir()
     (tmp_path / "results").symlink_to(tmp_path / "big_disk")
     folder = RunFolder(tmp_path / "results", tmp_path / "logs", "run")
-    folder.open([tmp_path / "data"]).release()
+    folder.open([tmp_path / "data"]).close()
     assert (tmp_path / "big_disk" / "run" / "samples").is_dir()
 
 
