@@ -6,6 +6,7 @@ the run's folders in run_folder.py, what it shows in report.py.
 """
 import contextlib
 import dataclasses
+import shlex
 from collections import defaultdict
 from pathlib import Path
 
@@ -254,5 +255,9 @@ def kept(run):
 def stopped(reason, run, step):
     run.logger.flush()
     writer = "" if run.chief else " (by the chief worker)"
+    defaults = config.Config()
+    where = "".join(f" {config.flag(field)} {shlex.quote(getattr(run.cfg, field))}"
+                    for field in ("results_dir", "log_dir")
+                    if getattr(run.cfg, field) != getattr(defaults, field))
     print(f"\n{reason}: checkpoint saved at step {step};{writer} "
-          f"continue with: python main.py --name {run.cfg.name} --resume")
+          f"continue with: python main.py --name {shlex.quote(run.cfg.name)}{where} --resume")

@@ -272,8 +272,8 @@ class StopOnSignal:
 
 def detach_from_terminal():
     """Point stdout and stderr that are a terminal at /dev/null: after a hang-up, writing to the
-    closed terminal fails (EIO), and the step's progress line would end the run before it saves."""
-    sys.stdout.flush()
+    closed terminal fails (EIO), and the step's progress line would end the run before it saves.
+    Nothing is flushed first: that would be such a write."""
     with open(os.devnull, "w") as devnull:
         for fd in (1, 2):
             if os.isatty(fd):
