@@ -269,16 +269,6 @@ class StopOnSignal:
         if signum == signal.SIGHUP:
             detach_from_terminal()
 
-
-def detach_from_terminal():
-    """Point stdout and stderr that are a terminal at /dev/null: after a hang-up, writing to the
-    closed terminal fails (EIO), and the step's progress line would end the run before it saves.
-    Nothing is flushed first: that would be such a write."""
-    with open(os.devnull, "w") as devnull:
-        for fd in (1, 2):
-            if os.isatty(fd):
-                os.dup2(devnull.fileno(), fd)
-
     def __exit__(self, *exc):
         signal.set_wakeup_fd(self.previous_fd)
         for sig, handler in self.previous.items():
@@ -338,3 +328,13 @@ def detach_from_terminal():
         print(f"\n{message} without a new checkpoint; the last one is kept (--resume continues "
               "from it)", file=sys.stderr, flush=True)
         os._exit(code)
+
+
+def detach_from_terminal():
+    """Point stdout and stderr that are a terminal at /dev/null: after a hang-up, writing to the
+    closed terminal fails (EIO), and the step's progress line would end the run before it saves.
+    Nothing is flushed first: that would be such a write."""
+    with open(os.devnull, "w") as devnull:
+        for fd in (1, 2):
+            if os.isatty(fd):
+                os.dup2(devnull.fileno(), fd)
