@@ -256,6 +256,7 @@ class StopOnSignal:
         self.signals = []   # (signal, when) as the watcher received them
         self.wait = None    # (what, since) of the wait the main thread is in
         self.longest = {}   # what: the longest wait for it but the first, which includes tracing
+        self.terminals = [fd for fd in (1, 2) if os.isatty(fd)]  # asked now: not after a hang-up
         self.previous = {sig: signal.signal(sig, self.request) for sig in STOP_SIGNALS}
         self.reader, self.writer = os.pipe()
         os.set_blocking(self.writer, False)
@@ -267,7 +268,7 @@ class StopOnSignal:
     def request(self, signum, frame):
         self.requested = signal.Signals(signum).name
         if signum == signal.SIGHUP:
-            detach_from_terminal()
+            detach_from_terminal(self.terminals)
 
     def __exit__(self, *exc):
         signal.set_wakeup_fd(self.previous_fd)
@@ -330,11 +331,10 @@ class StopOnSignal:
         os._exit(code)
 
 
-def detach_from_terminal():
-    """Point stdout and stderr that are a terminal at /dev/null: after a hang-up, writing to the
-    closed terminal fails (EIO), and the step's progress line would end the run before it saves.
-    Nothing is flushed first: that would be such a write."""
+def detach_from_terminal(fds):
+    """Point the file descriptors `fds` (stdout, stderr), a terminal, at /dev/null: after a
+    hang-up, writing to the closed terminal fails (EIO), and the step's progress line would end
+    the run before it saves. Nothing is flushed first: that would be such a write."""
     with open(os.devnull, "w") as devnull:
-        for fd in (1, 2):
-            if os.isatty(fd):
-                os.dup2(devnull.fileno(), fd)
+        for fd in fds:
+            os.dup2(devnull.fileno(), fd)
