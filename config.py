@@ -297,7 +297,7 @@ def validate(cfg):
 # Flags of the train command that are not settings of the run.
 RUN_FLAGS = {
     "resume": "continue the run NAME from its latest checkpoint (official --continue_train)",
-    "overwrite": "start the run NAME again, deleting its results and logs",
+    "overwrite": "start the run NAME again, deleting what it wrote in its results and logs",
 }
 
 
