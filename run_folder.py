@@ -8,8 +8,8 @@ run folder, and takes the locks of both folders. Where a run is comes from
 this invocation's flags, never from its config.json.
 
 Both folders carry RUN_MARK from the moment a run is made there: `--overwrite`
-empties only a marked folder, and in it only what a run writes (RUN_ENTRIES,
-LOG_ENTRIES); anything else is left where it is.
+empties only a marked folder, and in it only what a run writes
+(`made_by_a_run`); anything else is left where it is.
 """
 import contextlib
 import csv

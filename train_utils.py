@@ -325,9 +325,10 @@ class StopOnSignal:
     @staticmethod
     def end(message, code):
         """Print one line and end the process now, whatever the main thread is doing."""
-        sys.stdout.flush()
-        print(f"\n{message} without a new checkpoint; the last one is kept (--resume continues "
-              "from it)", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):  # a closed terminal (SIGHUP) takes no line: end anyway
+            sys.stdout.flush()
+            print(f"\n{message} without a new checkpoint; the last one is kept (--resume "
+                  "continues from it)", file=sys.stderr, flush=True)
         os._exit(code)
 
 
