@@ -4,6 +4,7 @@ The CLI (`main.py`) fills a Config; the builders in `models.py` and the
 run in `train.py` read it; a preset is just a named Config value.
 """
 import dataclasses
+import os
 import re
 from dataclasses import dataclass
 
@@ -267,10 +268,21 @@ def flag(field):
     return "--" + field.replace("_", "-")
 
 
+# Bytes in a file name on Linux's file systems (NAME_MAX of ext4, XFS, Btrfs, tmpfs).
+NAME_MAX = 255
+# The longest name made of a run's: evaluate's default results folder for a dataset, NAME-eval.
+EVAL_SUFFIX = "-eval"
+
+
 def check_run_name(name):
-    """A run name is one plain folder name: results/NAME and logs/NAME, never elsewhere."""
+    """A run name is one plain folder name: results/NAME and logs/NAME, never elsewhere; short
+    enough for a file name, with what the program adds to it."""
     if not name or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
         raise UserError(f"--name must be a plain folder name (no '/', not '.' or '..'), got {name!r}")
+    longest = NAME_MAX - len(EVAL_SUFFIX)
+    if len(os.fsencode(name)) > longest:
+        raise UserError(f"--name may be at most {longest} bytes long (a file name holds "
+                        f"{NAME_MAX}), got one of {len(os.fsencode(name))}")
 
 
 def validate(cfg):
@@ -304,7 +316,7 @@ def validate(cfg):
 # Flags of the train command that are not settings of the run.
 RUN_FLAGS = {
     "resume": "continue the run NAME from its latest checkpoint (official --continue_train)",
-    "overwrite": "start the run NAME again, deleting its results and logs",
+    "overwrite": "start the run NAME again, deleting what it wrote in its results and logs",
 }
 
 

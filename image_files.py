@@ -2,6 +2,7 @@
 of those only Pillow reads, reading and writing one image, and the pixel scales: 0-255 levels
 in files, [-1, 1] in the networks, [0, 1] for display and scores."""
 import hashlib
+import json
 import os
 import warnings
 from pathlib import Path
@@ -13,19 +14,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 import config
 from fileio import atomic_write
 
-
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
-
-
 # PIL's own decompression-bomb bound (about 89 megapixels): a larger image is skipped.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS
-
-
 EXIF_ORIENTATION = 0x0112     # the EXIF tag a camera sets when held sideways or upside down
-
-
 # Copies of images only Pillow decodes (decoded_copy), beside the downloaded datasets.
 DECODED_DIR = os.path.join("datasets", ".decoded")
+# What the start-up check found of each image folder's files (usable_images), there too.
+CHECKED_DIR = os.path.join("datasets", ".checked")
 
 
 class SkippedImagesWarning(UserWarning):
@@ -141,13 +137,7 @@ def decoded_copy(image):
     our own: never into the user's. The copy is named after the file's path,
     size and time, so a changed file gets a new one.
     """
-    try:
-        info = os.stat(image)
-    except OSError as error:  # gone since its header was read
-        raise UnusableImage("unreadable") from error
-    key = hashlib.sha256(b"\0".join([os.fsencode(os.path.abspath(image)),
-                                     str(info.st_size).encode(), str(info.st_mtime_ns).encode()]))
-    copy = Path(DECODED_DIR) / f"{key.hexdigest()[:32]}.png"
+    copy = Path(DECODED_DIR) / f"{file_key(image)}.png"
     if not copy.is_file():
         pixels = pillow_pixels(image)
         try:
@@ -161,29 +151,77 @@ def decoded_copy(image):
     return ImageFile(image, 1, decoded=str(copy))
 
 
+def file_key(path):
+    """A name for the file at `path` as it is now: of its absolute path, size and modification
+    time, so a changed file gets another. Raises UnusableImage for a file that is gone."""
+    try:
+        info = os.stat(path)
+    except OSError as error:  # gone since its header was read
+        raise UnusableImage("unreadable") from error
+    key = hashlib.sha256(b"\0".join([os.fsencode(os.path.abspath(path)),
+                                     str(info.st_size).encode(), str(info.st_mtime_ns).encode()]))
+    return key.hexdigest()[:32]
+
+
+def checks_file(folder):
+    """Where the decode checks of the image folder `folder` are remembered, by its absolute path."""
+    name = hashlib.sha256(os.fsencode(os.path.abspath(folder))).hexdigest()[:32]
+    return Path(CHECKED_DIR) / f"{name}.json"
+
+
+def known_decodes(folder):
+    """{file_key: whether TensorFlow decodes that file} of an earlier check of `folder`; a
+    missing or damaged record is none."""
+    try:
+        known = json.loads(checks_file(folder).read_text(encoding="utf-8"))
+        return {key: value for key, value in known.items() if isinstance(value, bool)}
+    except (OSError, ValueError, AttributeError):  # AttributeError: JSON, but not an object
+        return {}
+
+
+def remember_decodes(folder, decodes):
+    """Record the checks of `folder` for the next start; where that fails, it checks again."""
+    path = checks_file(folder)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps(decodes), encoding="utf-8")
+    except (OSError, config.UserError):
+        pass
+
+
 def usable_images(files, folder):
     """The files the pipeline can decode, as ImageFiles; one SkippedImagesWarning names the rest.
 
     The pipeline's own decoder (TensorFlow) reads each file whole here, so
     what passes is exactly what trains and the count printed is the count
     used; Pillow, the other decoder, reads headers, and the files TensorFlow
-    cannot decode (decoded_copy).
+    cannot decode (decoded_copy). What TensorFlow's decoder found of a file
+    is remembered (in CHECKED_DIR) until the file changes: a second start
+    of the same dataset decodes none of it again.
     """
-    headers, skipped = [], {}
+    headers, skipped = [], {}  # headers: (ImageFile, file_key)
 
     def skip(path, why):
         skipped.setdefault(str(why), []).append(file_name(path))
 
     for path in files:
         try:
-            headers.append(inspect_image(path))
+            image = inspect_image(path)
+            headers.append((image, file_key(image)))
         except UnusableImage as why:
             skip(path, why)
-    decodable = tensorflow_decodes(headers)
+    known = known_decodes(folder)
+    unchecked = [(image, key) for image, key in headers if key not in known]
+    found = tensorflow_decodes([image for image, _ in unchecked])
+    decodes = {key: known[key] for _, key in headers if key in known}
+    decodes.update((key, index in found) for index, (_, key) in enumerate(unchecked))
+    if decodes != known:
+        remember_decodes(folder, decodes)
     usable = []
-    for index, image in enumerate(headers):
+    for image, key in headers:
         try:
-            usable.append(image if index in decodable else decoded_copy(image))
+            usable.append(image if decodes[key] else decoded_copy(image))
         except UnusableImage as why:
             skip(image, why)
     if skipped:

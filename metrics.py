@@ -249,14 +249,19 @@ def evaluation_target(args):
     if args.generators:
         if not args.data:
             raise UserError("--generators needs --data")
-        cfg = config.from_flags(args, name=f"{Path(args.data).resolve().name}-eval",
+        cfg = config.from_flags(args, name=f"{Path(args.data).resolve().name}{config.EVAL_SUFFIX}",
                                 **(config.DEMO_DEFAULTS if args.data == "demo" else {}))
         return RunFolder.of(cfg), args.generators, cfg.data, cfg.image_size, False
     if not args.name:
         raise UserError("evaluate needs --name NAME (a training run) or --generators A2B B2A --data D")
     folder = RunFolder(args.results_dir or config.Config.results_dir, config.Config.log_dir, args.name)
     cfg = config.from_flags(args, **folder.saved_settings())  # the run's, but for the flags given
-    return folder, [folder.model("g_ab"), folder.model("g_ba")], cfg.data, cfg.image_size, True
+    generators = [folder.model("g_ab"), folder.model("g_ba")]
+    missing = [path for path in generators if not path.is_file()]
+    if missing:
+        raise UserError(f"run {args.name!r} has saved no models yet ({missing[0]} is missing); "
+                        "train it further, or score two saved ones with --generators A2B B2A --data D")
+    return folder, generators, cfg.data, cfg.image_size, True
 
 
 def fid_kid_scores(args, g_ab, g_ba, files_a, files_b, size):
@@ -275,20 +280,23 @@ def evaluate(args):
     """`main.py evaluate`: score a run's (or two saved) generators on a test split."""
     import models
     folder, generators, dataset, size, is_run = evaluation_target(args)
-    g_ab, g_ba = (models.load_generator(path) for path in generators)
+    g_ab, g_ba = (models.load_generator(path, "--generators" if args.generators else "--generator")
+                  for path in generators)
     root = data.resolve_dataset(dataset)
     folder.check_apart_from([root])
-    folder.make_root()  # an unwritable place fails before the scoring, not after
     files_a, files_b = (data.domain_files(root, "test", d) for d in "AB")
     truth = truth_files(files_a)
-    source = f"{len(files_a)} A and {len(files_b)} B test images of {root} at {size} px"
-    print(f"Evaluating on {source}" + (", with paired truth" if truth else ""))
-    scores = image_scores(g_ab, g_ba, file_batches(files_a, size, truth), file_batches(files_b, size))
-    scores.update(fid_kid_scores(args, g_ab, g_ba, files_a, files_b, size))
-    print(report.format_table(scores))
-    if truth:
-        print(truth_verdict(scores))
-    save_scores(folder.metrics, scores, f"evaluate: {source}")
+    # An unwritable place fails before the scoring, not after; one made for nothing goes again.
+    with folder.made_root():
+        source = f"{len(files_a)} A and {len(files_b)} B test images of {root} at {size} px"
+        print(f"Evaluating on {source}" + (", with paired truth" if truth else ""))
+        scores = image_scores(g_ab, g_ba, file_batches(files_a, size, truth),
+                              file_batches(files_b, size))
+        scores.update(fid_kid_scores(args, g_ab, g_ba, files_a, files_b, size))
+        print(report.format_table(scores))
+        if truth:
+            print(truth_verdict(scores))
+        save_scores(folder.metrics, scores, f"evaluate: {source}")
     if is_run:
         report.write_results_page(folder)
     print(f"Metrics in {folder.metrics}" + (f", page {folder.page}" if is_run else ""))

@@ -214,18 +214,18 @@ def save_h5(model, path):
         model.save(tmp)
 
 
-def load_generator(path):
-    """A saved generator, checked to map RGB images to RGB images."""
+def load_generator(path, flag="--generator"):
+    """A saved generator, checked to map RGB images to RGB images; `flag` named it."""
     if not str(path).endswith((".h5", ".keras")) or not tf.io.gfile.exists(str(path)):
-        raise UserError(f"--generator {path} is not an existing .h5 or .keras file")
+        raise UserError(f"{flag} {path} is not an existing .h5 or .keras file")
     try:
         model = keras.models.load_model(path, compile=False, safe_mode=True)
     except Exception as error:
-        raise UserError(f"--generator {path} is not a loadable Keras model "
+        raise UserError(f"{flag} {path} is not a loadable Keras model "
                         f"({type(error).__name__})") from None
     if (not isinstance(model.input, keras.KerasTensor) or len(model.input.shape) != 4
             or model.input.shape[-1] != 3 or tuple(model.output.shape[-1:]) != (3,)):
-        raise UserError(f"--generator {path} is not an image-to-image generator "
+        raise UserError(f"{flag} {path} is not an image-to-image generator "
                         f"(input {model.input_shape}, output {model.output_shape})")
     return model
 

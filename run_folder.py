@@ -4,14 +4,19 @@ Every file of a run is a named attribute of `RunFolder`; training, evaluate,
 the results page, benchmark and study ask it for paths. `RunFolder.open`
 is the one place a run is started in: it refuses folders that are, hold or
 lie inside a folder the run reads, never follows a link found inside the
-run folder, and takes the run's lock. Where a run is comes from this
-invocation's flags, never from its config.json.
+run folder, and takes the locks of both folders. Where a run is comes from
+this invocation's flags, never from its config.json.
+
+Both folders carry RUN_MARK from the moment a run is made there: `--overwrite`
+empties only a marked folder, and in it only what a run writes
+(`made_by_a_run`); anything else is left where it is.
 """
+import contextlib
 import csv
 import dataclasses
 import json
 import os
-import shutil
+import re
 import warnings
 from pathlib import Path
 
@@ -20,10 +25,16 @@ import tensorflow as tf
 
 import config
 from config import UserError
-from fileio import FileLock, atomic_write, cannot_write, remove
+from fileio import FileLock, atomic_path, atomic_write, cannot_write, remove
 
 MODEL_FILES = {"g_ab": "generatorAToB.h5", "g_ba": "generatorBToA.h5",
                "d_a": "discriminatorA.h5", "d_b": "discriminatorB.h5"}
+# In results/NAME and logs/NAME of every run this program made: only such folders are emptied.
+RUN_MARK = ".cyclegan-run"
+# What TensorBoard's writer puts in logs/NAME: event files, and the plugins/ folder of some summaries.
+LOG_ENTRIES = re.compile(r"events\.out\.tfevents\..+|plugins")
+# What tf.train.CheckpointManager leaves of the checkpoint of step {step} whose writing was cut short.
+PARTIAL_CHECKPOINT = r"ckpt-{step}_temp"
 
 
 class RunFolder:
@@ -74,69 +85,121 @@ class RunFolder:
                     raise UserError(f"{folder} would {'be' if mine == read else 'overlap'} "
                                     f"{read}, which this run reads; choose another {flag} or --name")
 
-    def check_no_links(self):
-        """Refuse results/NAME and logs/NAME that are, or hold, a link: a write must never
-        go through one to a file outside the run."""
+    def check_no_links(self, entries=None):
+        """Refuse results/NAME and logs/NAME that are, or hold, a link (or only `entries` of
+        theirs that are or hold one): a write must never go through one to a file outside the run."""
         for folder in (self.root, self.logs):
             if folder.is_symlink():
                 raise UserError(f"{folder} is a link; a run folder must be a real folder: "
                                 "remove the link or choose another --name")
-            for parent, dirs, files in os.walk(folder):
-                for entry in dirs + files:
-                    if os.path.islink(os.path.join(parent, entry)):
-                        raise UserError(f"{os.path.join(parent, entry)} is a link; a run folder "
-                                        "holds none: remove it (or start again with --overwrite)")
+        for top in (self.root, self.logs) if entries is None else entries:
+            found = [top] if os.path.islink(top) else []
+            for parent, dirs, files in os.walk(top):
+                found += [os.path.join(parent, e) for e in dirs + files
+                          if os.path.islink(os.path.join(parent, e))]
+            if found:
+                raise UserError(f"{found[0]} is a link; a run folder holds none: remove it")
+
+    def check_is_a_run(self):
+        """Refuse results/NAME or logs/NAME that holds anything but lacks RUN_MARK: not a run of
+        this program, so never written into, nor emptied by --overwrite."""
+        for folder, flag in ((self.root, "--results-dir"), (self.logs, "--log-dir")):
+            if folder.is_dir() and self.entries(folder) and not (folder / RUN_MARK).is_file():
+                raise UserError(f"{folder} holds files but no run of this program (it lacks "
+                                f"{RUN_MARK}); it is never written into or emptied: choose another "
+                                f"--name or {flag}")
+
+    def entries(self, folder):
+        """What results/NAME or logs/NAME holds but for the locks and marks."""
+        return [p for p in folder.iterdir() if p.name not in (self.lock.name, RUN_MARK)]
 
     def open(self, reads, resume=False, overwrite=False):
-        """Lock this run for this process and make its folders; returns the lock.
+        """Lock this run's two folders for this process and make them; returns the locks (an
+        ExitStack: closing it releases them).
 
         Refuses in one line: folders overlapping `reads` (the dataset), links,
-        an unwritable place, an earlier run unless `resume` or `overwrite`
-        (which empties both folders). Nothing but the lock is written before
-        every check has passed.
+        a folder that holds files but no run of this program, an unwritable
+        place, a folder another run holds, an earlier run unless `resume` or
+        `overwrite` (which empties both folders of what a run writes).
+        Nothing but the locks is written before every check has passed;
+        then both folders are marked as a run's, and what a checkpoint cut
+        short left behind is removed.
         """
         self.check_apart_from(reads)
         if self.root.is_symlink() or self.logs.is_symlink():
             self.check_no_links()  # names the link
+        if not resume:
+            self.check_is_a_run()  # before the locks: another's folder gets no file of ours
+        # One folder where --log-dir and --results-dir are the same.
+        folders = (self.root,) if self.logs.resolve() == self.root.resolve() else (self.root, self.logs)
+        locks = contextlib.ExitStack()
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise cannot_write(self.root, error) from None
-        lock = FileLock(self.lock, f"run {self.name!r} is in use by another process (pid {{pid}}); "
-                                   "wait for it to finish or stop it first")
-        try:
-            earlier = [p for p in self.root.iterdir() if p != self.lock]
+            for folder in folders:
+                folder.mkdir(parents=True, exist_ok=True)
+                busy = (f"run {self.name!r} is in use by another process (pid {{pid}}); wait for "
+                        "it to finish or stop it first" if folder == self.root else
+                        f"{folder} is in use by another run (pid {{pid}}), which logs there; wait "
+                        "for it to finish, or choose another --log-dir or --name")
+                locks.enter_context(FileLock(folder / self.lock.name, busy))
+            earlier = [entry for folder in folders for entry in self.entries(folder)]
             if earlier and not resume:
                 if not overwrite:
-                    raise UserError(f"{self.root} already holds a run; pass --resume to continue "
-                                    "it, --overwrite to replace it or --name to start another")
+                    raise UserError(f"{earlier[0].parent} already holds a run; pass --resume to "
+                                    "continue it, --overwrite to replace it or --name to start "
+                                    "another")
                 self.clear(earlier)
             self.check_no_links()
-            for folder in (self.logs, self.samples, self.models, self.checkpoints):
-                folder.mkdir(parents=True, exist_ok=True)
+            for folder in folders:
+                (folder / RUN_MARK).write_text("A run of cyclegan-keras: --overwrite empties "
+                                               "only folders marked so.\n")
+            for folder in (self.samples, self.models, self.checkpoints):
+                folder.mkdir(exist_ok=True)
                 if not os.access(folder, os.W_OK):
                     raise UserError(f"cannot write {folder} (not writable)")
+            remove_partial_checkpoints(self.checkpoints)
         except OSError as error:
-            lock.release()
+            locks.close()
             raise cannot_write(error.filename or self.root, error) from None
         except BaseException:
-            lock.release()
+            locks.close()
             raise
-        return lock
+        return locks
 
-    def make_root(self):
-        """results/NAME, for a command that writes only scores and the page there (evaluate)."""
+    @contextlib.contextmanager
+    def made_root(self):
+        """results/NAME for a block that writes only scores and the page there (evaluate); one
+        made for a block that fails, and left empty, is removed again."""
         self.check_no_links()
+        existed = self.root.is_dir()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as error:
             raise cannot_write(self.root, error) from None
+        try:
+            yield
+        except BaseException:
+            if not existed:
+                with contextlib.suppress(OSError):  # not empty: something was written after all
+                    self.root.rmdir()
+            raise
+
+    def made_by_a_run(self, entry):
+        """Whether `entry`, at the top of results/NAME or logs/NAME, is one a run writes there."""
+        files = (self.config, self.losses, self.curves, self.metrics, self.page)
+        names = {p.name for p in (*files, *map(atomic_path, files), self.samples, self.models,
+                                  self.checkpoints)}
+        return entry.name in names or bool(LOG_ENTRIES.fullmatch(entry.name))
 
     def clear(self, entries):
-        """--overwrite: remove `entries` of results/NAME and all of logs/NAME, links never followed."""
+        """--overwrite: remove those of `entries` a run writes, links never followed; the rest is
+        kept, said in one line."""
+        kept = [entry for entry in entries if not self.made_by_a_run(entry)]
+        self.check_no_links(kept)  # refused before anything is removed
         for entry in entries:
-            remove(entry)
-        remove(self.logs)
+            if entry not in kept:
+                remove(entry)
+        if kept:
+            print(f"--overwrite kept what no run writes: {', '.join(map(str, kept))}")
 
     # --- config.json ----------------------------------------------------------
 
@@ -236,8 +299,8 @@ class RunCheckpoint:
         try:
             self.manager.save(checkpoint_number=step)
         except (tf.errors.OpError, OSError) as error:
-            for partial in Path(self.manager.directory).glob(f"ckpt-{step}_temp*"):
-                shutil.rmtree(partial, ignore_errors=True)
+            with contextlib.suppress(OSError):  # the clean-up never hides the first error
+                remove_partial_checkpoints(self.manager.directory, step)
             reason = str(getattr(error, "message", error)).rsplit("; ", 1)[-1].split(" [Op:")[0]
             kept = self.manager.latest_checkpoint
             raise UserError(f"could not write the checkpoint of step {step} in "
@@ -263,6 +326,15 @@ class RunCheckpoint:
         if candidates:
             raise UserError(f"no checkpoint in {self.manager.directory} can be restored")
         return 0
+
+
+def remove_partial_checkpoints(folder, step=r"\d+"):
+    """Remove what a checkpoint cut short (by a full disk, a kill) left in `folder`: of `step`,
+    or of any step."""
+    pattern = re.compile(PARTIAL_CHECKPOINT.format(step=step))
+    for entry in Path(folder).iterdir():
+        if pattern.fullmatch(entry.name):
+            remove(entry)
 
 
 class DamagedCheckpointWarning(UserWarning):

@@ -7,6 +7,7 @@ run_folder.py, what it shows in report.py.
 """
 import contextlib
 import dataclasses
+import shlex
 from collections import defaultdict
 from pathlib import Path
 
@@ -67,19 +68,29 @@ def command(args):
     train(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
 
 
-def sample_files(root, domain, cfg, count):
-    """A few fixed test images (train images when there is no test split)."""
+def sample_files(root, domain, train_files, count):
+    """A few fixed test images (the run's train images when there is no test split)."""
     try:
         return data.domain_files(root, "test", domain)[:count]
     except config.DataError:
-        return data.domain_files(root, "train", domain, cfg.limit)[:count]
+        return train_files[:count]
+
+
+def fixed_images(root, cfg, files_a, files_b):
+    """The sample batches and the probe set (metrics.probe_set) every epoch draws and scores."""
+    fixed_a, fixed_b = (sample_files(root, d, files, max(SAMPLE_COUNT, metrics.PROBE_IMAGES))
+                        for d, files in (("A", files_a), ("B", files_b)))
+    samples = tuple(data.load_batch(f[:SAMPLE_COUNT], cfg.image_size) for f in (fixed_a, fixed_b))
+    return samples, metrics.probe_set(fixed_a, fixed_b, cfg.image_size)
 
 
 def train(cfg, resume=False, overwrite=False):
     """Train the run cfg.name: a new one, or with `resume` the one results/NAME holds.
 
     Of several workers (--strategy multiworker) only the chief writes files.
+    Everything the run depends on is checked before its folder is made.
     """
+    machine.wait_timeout()  # the loop's, read only then: a bad value is refused here first
     # Before any TensorFlow op runs: --strategy multiworker sets up collective
     # ops, which TensorFlow accepts only at program start-up.
     strategy = machine.make_strategy(cfg.strategy)
@@ -93,10 +104,11 @@ def train(cfg, resume=False, overwrite=False):
     folder.check_apart_from([root])  # before reading a file: a clear line comes first
     files_a = data.domain_files(root, "train", "A", cfg.limit)
     files_b = data.domain_files(root, "train", "B", cfg.limit)
+    fixed = fixed_images(root, cfg, files_a, files_b)
     chief = strategy.extended.should_checkpoint  # only the chief holds the run folder
     with folder.open([root], resume, overwrite) if chief else contextlib.nullcontext(), \
             machine.lost_workers_as_user_error():
-        run_training(cfg, strategy, root, files_a, files_b, folder, resume)
+        run_training(cfg, strategy, files_a, files_b, fixed, folder, resume)
 
 
 @dataclasses.dataclass
@@ -120,9 +132,9 @@ class Run:
         return self.strategy.extended.should_checkpoint
 
 
-def run_training(cfg, strategy, root, files_a, files_b, folder, resume):
+def run_training(cfg, strategy, files_a, files_b, fixed, folder, resume):
     """Set up, restore, and run the epochs of a run whose folder this process holds."""
-    run, step = set_up(cfg, strategy, root, files_a, files_b, folder, resume)
+    run, step = set_up(cfg, strategy, files_a, files_b, fixed, folder, resume)
     if resume and step >= run.steps * cfg.total_epochs:
         if run.chief and not folder.has_models():
             folder.save_models(run.gan)
@@ -141,12 +153,11 @@ def run_training(cfg, strategy, root, files_a, files_b, folder, resume):
     run_epochs(run, step)
 
 
-def set_up(cfg, strategy, root, files_a, files_b, folder, resume):
-    """The Run, fresh or restored from its newest good checkpoint, and its step."""
-    fixed_a, fixed_b = (sample_files(root, d, cfg, max(SAMPLE_COUNT, metrics.PROBE_IMAGES))
-                        for d in "AB")
-    samples = tuple(data.load_batch(f[:SAMPLE_COUNT], cfg.image_size) for f in (fixed_a, fixed_b))
-    probe = metrics.probe_set(fixed_a, fixed_b, cfg.image_size)
+def set_up(cfg, strategy, files_a, files_b, fixed, folder, resume):
+    """The Run, fresh or restored from its newest good checkpoint, and its step.
+
+    `fixed`: (samples, probe) of fixed_images.
+    """
     with train_utils.out_of_memory_as_user_error(cfg):
         gan = cyclegan.CycleGAN.fresh(cfg, strategy)
     replicas = strategy.num_replicas_in_sync
@@ -155,7 +166,7 @@ def set_up(cfg, strategy, root, files_a, files_b, folder, resume):
         checkpoint = RunCheckpoint(gan, batches, folder.checkpoints)
     steps = data.steps_per_epoch(files_a, files_b, cfg, replicas)
     step = checkpoint.restore() if resume else 0
-    run = Run(cfg, folder, strategy, gan, batches, checkpoint, steps, samples, probe)
+    run = Run(cfg, folder, strategy, gan, batches, checkpoint, steps, *fixed)
     if run.chief:
         folder.write_config(cfg)  # only now: a failed resume leaves the run's settings as they were
     return run, step
@@ -178,7 +189,7 @@ def run_epochs(run, step):
                     real_a, real_b = data.next_batch(run.batches)
                 with stop.waiting_for_workers(run.strategy):
                     losses = run.gan.train_step(real_a, real_b)
-                train_utils.check_finite(losses, step + 1)
+                train_utils.check_finite(losses, step + 1, lambda: kept(run))
                 step += 1
                 for key, value in losses.items():
                     sums[key] += value
@@ -227,8 +238,25 @@ def write_epoch_outputs(run, epoch, step, mean_losses):
         folder.save_models(run.gan)
 
 
+def kept(run):
+    """What a run stopped by an error keeps to resume from or use, as the end of its last line."""
+    checkpoint = run.checkpoint.manager.latest_checkpoint is not None
+    models = run.folder.has_models()
+    if checkpoint and models:
+        return "the last checkpoint and saved models are kept"
+    if checkpoint:
+        return "the last checkpoint is kept (no models were saved yet)"
+    if models:
+        return "the saved models are kept (no checkpoint was written yet)"
+    return "no checkpoint or models were written yet"
+
+
 def stopped(reason, run, step):
     run.logger.flush()
     writer = "" if run.chief else " (by the chief worker)"
+    defaults = config.Config()
+    where = "".join(f" {config.flag(field)} {shlex.quote(getattr(run.cfg, field))}"
+                    for field in ("results_dir", "log_dir")
+                    if getattr(run.cfg, field) != getattr(defaults, field))
     print(f"\n{reason}: checkpoint saved at step {step};{writer} "
-          f"continue with: python main.py --name {run.cfg.name} --resume")
+          f"continue with: python main.py --name {shlex.quote(run.cfg.name)}{where} --resume")

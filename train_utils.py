@@ -100,11 +100,12 @@ class TrainingDiverged(UserError):
     exit_code = 3
 
 
-def check_finite(losses, step):
+def check_finite(losses, step, kept=None):
+    """Raise TrainingDiverged if a loss is not finite; `kept()`, if given, says what the run keeps."""
     for name, value in losses.items():
         if not np.isfinite(value):
-            raise TrainingDiverged(f"loss {name} became {value} at step {step}; training stopped, "
-                                   "the last checkpoint and saved models are kept (try a lower --lr)")
+            raise TrainingDiverged(f"loss {name} became {value} at step {step}; training stopped"
+                                   + (f", {kept()}" if kept else "") + " (try a lower --lr)")
 
 
 @contextlib.contextmanager
@@ -117,11 +118,13 @@ def out_of_memory_as_user_error(cfg):
                         f"{cfg.batch_size}; try a smaller --image-size or --batch-size") from None
 
 
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# SIGHUP: the terminal or SSH session the run started in was closed.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class StopOnSignal:
-    """SIGINT/SIGTERM: a request the loop honours after its current step, saving a checkpoint.
+    """SIGINT/SIGTERM/SIGHUP: a request the loop honours after its current step, saving a
+    checkpoint.
 
     The loop marks the waits it may block in (`waiting`). A second signal,
     or the first while a wait lasts GRACE_S beyond it (plus twice the
@@ -140,6 +143,7 @@ class StopOnSignal:
         self.signals = []   # (signal, when) as the watcher received them
         self.wait = None    # (what, since) of the wait the main thread is in
         self.longest = {}   # what: the longest wait for it but the first, which includes tracing
+        self.terminals = [fd for fd in (1, 2) if os.isatty(fd)]  # asked now: not after a hang-up
         self.previous = {sig: signal.signal(sig, self.request) for sig in STOP_SIGNALS}
         self.reader, self.writer = os.pipe()
         os.set_blocking(self.writer, False)
@@ -150,6 +154,8 @@ class StopOnSignal:
 
     def request(self, signum, frame):
         self.requested = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            detach_from_terminal(self.terminals)
 
     def __exit__(self, *exc):
         signal.set_wakeup_fd(self.previous_fd)
@@ -206,7 +212,17 @@ class StopOnSignal:
     @staticmethod
     def end(message, code):
         """Print one line and end the process now, whatever the main thread is doing."""
-        sys.stdout.flush()
-        print(f"\n{message} without a new checkpoint; the last one is kept (--resume continues "
-              "from it)", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError):  # a closed terminal (SIGHUP) takes no line: end anyway
+            sys.stdout.flush()
+            print(f"\n{message} without a new checkpoint; the last one is kept (--resume "
+                  "continues from it)", file=sys.stderr, flush=True)
         os._exit(code)
+
+
+def detach_from_terminal(fds):
+    """Point the file descriptors `fds` (stdout, stderr), a terminal, at /dev/null: after a
+    hang-up, writing to the closed terminal fails (EIO), and the step's progress line would end
+    the run before it saves. Nothing is flushed first: that would be such a write."""
+    with open(os.devnull, "w") as devnull:
+        for fd in fds:
+            os.dup2(devnull.fileno(), fd)

@@ -168,6 +168,11 @@ def test_summary_prints_book_sizes(capsys):
     (["--name", ""], "--name must be a plain folder name"),
     (["evaluate", "--name", "../x"], "--name must be a plain folder name"),
     (["evaluate", "--generators", "a.h5", "b.h5", "--data", ".", "--name", "a/b"], "plain folder"),
+    (["--name", "x" * 300], "--name may be at most 250 bytes long (a file name holds 255)"),
+    (["--name", "x" * 300, "--resume"], "--name may be at most 250 bytes"),
+    (["evaluate", "--name", "x" * 300], "--name may be at most 250 bytes"),
+    (["evaluate", "--generators", "a.h5", "b.h5", "--data", "x" * 251], "--name may be at most"),
+    (["evaluate", "--generators", "a.h5", "b.h5", "--data", "."], "--generators a.h5 is not an"),
 ])
 def test_bad_input_is_a_one_line_error(tmp_path, monkeypatch, capsys, args, words):
     monkeypatch.chdir(tmp_path)
@@ -371,3 +376,21 @@ def test_resume_accepts_the_runs_own_preset_and_refuses_another(trained_run, mon
     assert train.config_from_args(main.parse_args(args + ["book"])).preset == "book"
     assert "trained with --preset book, not paper" in one_line_error(args + ["paper", "--epochs", 1],
                                                                    capsys)
+
+
+def test_every_check_comes_before_the_run_folder_so_the_corrected_command_just_runs(
+        tmp_path, monkeypatch, capsys):
+    tiny_data(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    args = ["--data", "data", "--image-size", 32, "--filters", 4, "--disc-filters", 4,
+            "--res-blocks", 1, "--epochs", 1, "--steps-per-epoch", 1]
+    monkeypatch.setenv("CYCLEGAN_TIMEOUT", "abc")
+    assert "CYCLEGAN_TIMEOUT must be a number" in one_line_error(args, capsys)
+    assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()
+    monkeypatch.delenv("CYCLEGAN_TIMEOUT")
+    write_images(tmp_path / "data" / "testA_truth", 0)  # a truth folder lacking testA's image
+    assert "testA_truth lacks 1 of the images" in one_line_error(args, capsys)
+    assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()
+    (tmp_path / "data" / "testA_truth").rmdir()
+    assert main.main([str(a) for a in args]) == 0  # no --overwrite needed
+    assert (tmp_path / "results" / "data" / "models" / "generatorAToB.h5").is_file()

@@ -37,3 +37,10 @@ def test_flag_table_is_the_generated_one():
     table = re.search(r"<!-- flags: .*? -->\n(.*?)\n<!-- end of flags -->", page, re.S)
     assert table, "docs/flags.md lacks the generated flag table"
     assert table.group(1) == config.flags_markdown(), "regenerate it with: python config.py"
+
+
+def test_a_run_name_fits_a_file_name_with_what_the_program_adds_to_it():
+    config.check_run_name("é" * 125)  # 250 bytes: NAME-eval has 255
+    for name in ("x" * 251, "é" * 126):
+        with pytest.raises(config.UserError, match="at most 250 bytes"):
+            config.check_run_name(name)

@@ -295,3 +295,32 @@ def test_an_image_read_on_its_own_that_cannot_be_used_is_a_one_line_error(tmp_pa
     (tmp_path / "truth.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     with pytest.raises(config.DataError, match="cannot use image .*truth.png.*: unreadable"):
         data.load_batch([str(tmp_path / "truth.png")], 32)
+
+
+def test_a_second_check_of_an_unchanged_folder_decodes_nothing_and_a_changed_file_again(
+        tmp_path, monkeypatch):
+    """What the decode check found is remembered in the program's own cache, keyed by each
+    file's path, size and time: nothing is written beside the user's images."""
+    monkeypatch.chdir(tmp_path)
+    paths = write_images(tmp_path / "mine" / "trainA", 4)
+    (tmp_path / "mine" / "trainA" / "cut.png").write_bytes(paths[0].read_bytes()[:200])
+    decoded = []
+    real = image_files.tensorflow_decodes
+    monkeypatch.setattr(image_files, "tensorflow_decodes", lambda images: decoded.append(
+        sorted(os.path.basename(i) for i in images)) or real(images))
+
+    def check():
+        with pytest.warns(image_files.SkippedImagesWarning, match="cut.png"):
+            return [os.path.basename(f) for f in data.domain_files(tmp_path / "mine", "train", "A")]
+    first = check()
+    assert decoded.pop() == sorted(first + ["cut.png"]) and len(first) == 4
+    assert check() == first and decoded.pop() == []
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(paths[1])  # another size and time
+    assert check() == first and decoded.pop() == ["img_001.png"]
+    for record in (tmp_path / image_files.CHECKED_DIR).iterdir():
+        record.write_bytes(b"\xff{ damaged")
+    assert check() == first and len(decoded.pop()) == 5
+    written = {p.relative_to(tmp_path).parts[:2] for p in tmp_path.rglob("*") if p.is_file()
+               and not p.is_relative_to(tmp_path / "mine")}
+    assert written == {("datasets", ".checked")}
+    assert sorted(p.name for p in (tmp_path / "mine" / "trainA").iterdir()) == sorted(first + ["cut.png"])

@@ -166,3 +166,34 @@ def test_colour_map_oracle_recovers_a_global_colour_change_and_not_a_local_one()
     assert metrics.colour_map_psnr([(as_net(images), as_net(recoloured))]) > 60
     shifted = np.roll(recoloured, 1, axis=2)  # every pixel takes its neighbour's colour
     assert metrics.colour_map_psnr([(as_net(images), as_net(shifted))]) < 25
+
+
+def test_evaluate_without_models_names_generators_and_a_stopped_one_leaves_no_folder(
+        tmp_path, monkeypatch, capsys):
+    import shutil
+    import main
+    import cyclegan
+    from config import make_config
+    from conftest import one_line_error, tiny_data
+    from run_folder import RunFolder
+    tiny_data(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    folder = RunFolder("results", "logs", "run")
+    folder.root.mkdir(parents=True)
+    folder.write_config(make_config(name="run", data="data", image_size=32, epochs=1))
+    err = one_line_error(["evaluate", "--name", "run", "--no-fid"], capsys)
+    assert "run 'run' has saved no models yet" in err and "--generators A2B B2A" in err
+    folder.save_models(cyclegan.CycleGAN(make_config(image_size=32, filters=4, disc_filters=4,
+                                                    res_blocks=1)))
+    args = ["evaluate", "--generators", folder.model("g_ab"), folder.model("g_ba"), "--data", "data",
+            "--image-size", 32, "--no-fid"]
+    shutil.rmtree(tmp_path / "data" / "testB")
+    assert "missing folder" in one_line_error(args, capsys)
+    assert not (tmp_path / "results" / "data-eval").exists()
+    write_images(tmp_path / "data" / "testB", 1)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(metrics, "image_scores", interrupted)
+    assert main.main([str(a) for a in args]) == 130  # Ctrl-C while scoring
+    assert not (tmp_path / "results" / "data-eval").exists()

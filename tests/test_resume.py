@@ -180,3 +180,70 @@ def test_sigterm_while_the_input_is_stuck_ends_the_run_within_seconds(tmp_path):
 def tu_grace():
     import train_utils
     return train_utils.StopOnSignal.GRACE_S
+
+
+def test_a_run_holds_its_log_folder_against_another_results_dir_and_sighup_saves(tmp_path):
+    """Run B (--results-dir r2, same --name) may not empty the logs run A writes; closing A's
+    terminal (SIGHUP) saves a checkpoint as SIGTERM does."""
+    import signal
+    from run_folder import RUN_MARK
+    tiny_data(tmp_path / "data")
+    process = start_cli("--data", "data", "--results-dir", "r1", "--name", "shared", *SMALL,
+                        cwd=tmp_path)
+    wait_for(tmp_path / "r1" / "shared" / "checkpoints" / "ckpt-2.index", process)
+    older = tmp_path / "r2" / "shared"  # an older run of that name in other results
+    older.mkdir(parents=True)
+    (older / RUN_MARK).write_text("")
+    (older / "config.json").write_text("{}")
+    (events,) = (tmp_path / "logs" / "shared").glob("events.out.tfevents.*")
+    second = run_cli("--data", "data", "--results-dir", "r2", "--name", "shared", "--overwrite",
+                     *SMALL, cwd=tmp_path, check=False)
+    assert second.returncode == 2 and second.stderr.strip().count("\n") == 0, second.stderr
+    assert "logs/shared is in use by another run (pid" in second.stderr
+    assert events.is_file() and (older / "config.json").read_text() == "{}"
+    process.send_signal(signal.SIGHUP)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert re.search(r"SIGHUP: checkpoint saved at step (\d+); continue with: python main.py "
+                     r"--name shared --results-dir r1 --resume", out), out
+    stopped = int(out.split("checkpoint saved at step ")[1].split(";")[0])
+    assert latest_checkpoint_step(tmp_path / "r1" / "shared") == stopped >= 2
+    steps = [e.step for e in read_tensorboard(tmp_path / "logs" / "shared").Tensors("loss/D_A")]
+    assert min(steps) == 1 and max(steps) == stopped
+
+
+def test_closing_the_terminal_a_run_started_in_saves_a_checkpoint(tmp_path):
+    """A real hang-up: the run's terminal (a pseudo-terminal here) goes away; writing to it
+    fails from then on, yet the run saves and ends as on SIGTERM."""
+    import fcntl
+    import os
+    import pty
+    import termios
+    import threading
+    tiny_data(tmp_path / "data")
+    master, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "main.py"), "--data", "data", "--name", "h",
+         *map(str, SMALL), "--checkpoint-every", "1000"], cwd=tmp_path, env=ENV, stdin=terminal, stdout=terminal,
+        stderr=terminal, start_new_session=True,
+        preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0))  # its controlling terminal
+    os.close(terminal)
+    shown, started = [], threading.Event()
+
+    def read():  # as a terminal shows what it is sent, until it is closed
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                return
+            if not chunk:
+                return
+            shown.append(chunk)
+            if b"Whole run:" in b"".join(shown):  # steps are being trained
+                started.set()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    assert started.wait(300), b"".join(shown).decode(errors="replace")
+    os.close(master)  # the terminal closes: the kernel sends SIGHUP
+    assert process.wait(timeout=120) == 0
+    assert latest_checkpoint_step(tmp_path / "results" / "h") >= 1

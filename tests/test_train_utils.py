@@ -16,6 +16,8 @@ def test_non_finite_loss_stops_training_with_its_name_and_step():
         train_utils.check_finite({"D_A": 0.5, "adv_B": float("nan")}, step=7)
     with pytest.raises(train_utils.TrainingDiverged, match="inf"):
         train_utils.check_finite({"G_total": float("inf")}, step=1)
+    with pytest.raises(train_utils.TrainingDiverged, match="training stopped, what is kept "):
+        train_utils.check_finite({"G_total": float("inf")}, step=1, kept=lambda: "what is kept")
 
 
 def test_fit_batch_traces_a_models_train_step_once():
@@ -72,3 +74,33 @@ def test_a_wait_blocked_inside_tensorflow_still_ends_on_a_signal_or_its_deadline
     last = err.strip().splitlines()[-1]  # after TensorFlow's own start-up notes
     assert process.returncode == code, err
     assert last.startswith(words) and "without a new checkpoint; the last one is kept" in last, err
+
+
+def test_a_start_without_a_test_split_checks_each_image_once_and_a_second_start_none(
+        tmp_path, monkeypatch, capsys, recwarn):
+    """The sample images fall back to the run's own train images, checked once; the next start
+    finds the checks remembered. A first step that diverges says that nothing was kept."""
+    import os
+    import cyclegan
+    import image_files
+    from conftest import one_line_error, write_images
+    for i, sub in enumerate(("trainA", "trainB")):
+        write_images(tmp_path / "data" / sub, 3, seed=i)
+    (tmp_path / "data" / "trainA" / "broken.jpg").write_bytes(b"")
+    decoded = []
+    real = image_files.tensorflow_decodes
+    monkeypatch.setattr(image_files, "tensorflow_decodes", lambda images: decoded.extend(
+        os.path.basename(i) for i in images) or real(images))
+    monkeypatch.setattr(cyclegan.CycleGAN, "train_step", lambda *args, **kwargs: dict.fromkeys(
+        cyclegan.LOSS_NAMES, float("nan")))
+    monkeypatch.chdir(tmp_path)
+    args = ["--data", "data", "--image-size", 32, "--filters", 4, "--disc-filters", 4,
+            "--res-blocks", 1, "--epochs", 1, "--name"]
+    err = one_line_error(args + ["first"], capsys, code=3)
+    assert "became nan at step 1; training stopped, no checkpoint or models were written" in err
+    assert sorted(decoded) == sorted(f"img_00{i}.png" for i in (0, 0, 1, 1, 2, 2))
+    skipped = [w for w in recwarn if w.category is image_files.SkippedImagesWarning]
+    assert len(skipped) == 1 and "broken.jpg" in str(skipped[0].message)
+    decoded.clear()
+    one_line_error(args + ["second"], capsys, code=3)
+    assert decoded == []
