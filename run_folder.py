@@ -22,7 +22,7 @@ import config
 import models
 import train_utils as tu
 from config import UserError
-from fileio import FileLock, atomic_write, cannot_write, remove
+from fileio import FileLock, atomic_write, cannot_write, remove, write_cause
 
 MODEL_FILES = {"g_ab": "generatorAToB.h5", "g_ba": "generatorBToA.h5",
                "d_a": "discriminatorA.h5", "d_b": "discriminatorB.h5"}
@@ -255,12 +255,14 @@ class RunCheckpoint:
         try:
             self.manager.save(checkpoint_number=step)
         except (tf.errors.OpError, OSError) as error:
+            # Asked before the clean-up frees the space the partial checkpoint took.
+            reason = write_cause(self.manager.directory, error) or (str(getattr(
+                error, "message", error)).rsplit("; ", 1)[-1].split(" [Op:")[0] + "; is the disk full?")
             for partial in Path(self.manager.directory).glob(f"ckpt-{step}_temp*"):
                 shutil.rmtree(partial, ignore_errors=True)
-            reason = str(getattr(error, "message", error)).rsplit("; ", 1)[-1].split(" [Op:")[0]
             kept = self.manager.latest_checkpoint
             raise UserError(f"could not write the checkpoint of step {step} in "
-                            f"{self.manager.directory} ({reason}; is the disk full?); "
+                            f"{self.manager.directory} ({reason}); "
                             + (f"{Path(kept).name} is kept, resume from it with --resume" if kept
                                else "no checkpoint was written")) from None
 

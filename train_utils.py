@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 
 import data
+import fileio
 import machine
 import models
 from config import UserError
@@ -222,10 +223,16 @@ def check_finite(losses, step):
 
 @contextlib.contextmanager
 def out_of_memory_as_user_error(cfg):
-    """Running out of memory is the settings' fault: say which settings, in one line."""
+    """Running out of memory is the settings' fault: say which settings, in one line.
+
+    TensorFlow raises the same error for a full disk, where smaller settings would not help.
+    """
     try:
         yield
-    except (tf.errors.ResourceExhaustedError, MemoryError):
+    except (tf.errors.ResourceExhaustedError, MemoryError) as error:
+        if fileio.stated_cause(error):
+            raise UserError(f"a write failed ({fileio.stated_cause(error)}): "
+                            f"{data.op_error_text(error)}") from None
         raise UserError(f"out of memory with --image-size {cfg.image_size} and --batch-size "
                         f"{cfg.batch_size}; try a smaller --image-size or --batch-size") from None
 
