@@ -256,8 +256,8 @@ class RunCheckpoint:
             self.manager.save(checkpoint_number=step)
         except (tf.errors.OpError, OSError) as error:
             # Asked before the clean-up frees the space the partial checkpoint took.
-            reason = write_cause(self.manager.directory, error) or (str(getattr(
-                error, "message", error)).rsplit("; ", 1)[-1].split(" [Op:")[0] + "; is the disk full?")
+            said = str(getattr(error, "message", error)).rsplit("; ", 1)[-1].split(" [Op:")[0]
+            reason = write_cause(self.manager.directory, error) or f"{said}; is the disk full?"
             for partial in Path(self.manager.directory).glob(f"ckpt-{step}_temp*"):
                 shutil.rmtree(partial, ignore_errors=True)
             kept = self.manager.latest_checkpoint

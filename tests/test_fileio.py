@@ -230,3 +230,13 @@ def test_a_full_disk_at_an_epochs_h5_saves_is_one_line_and_keeps_the_earlier_mod
     for model in (tmp_path / "models").iterdir():
         assert (copy / "run" / "models" / model.name).read_bytes() == model.read_bytes()
     assert (copy / "run" / "samples" / "epoch_0002.png").is_file()  # what came before it is kept
+
+
+def test_a_full_disk_under_the_log_folder_is_not_called_out_of_memory(tmp_path):
+    """TensorFlow's event writer raises ResourceExhaustedError, as running out of memory does."""
+    tiny_data(tmp_path / "data")
+    script = (f'$PY --data {tmp_path / "data"} --image-size 32 --filters 8 --disc-filters 8 '
+              f'--res-blocks 1 --epochs 1 --results-dir {tmp_path / "results"} --log-dir "$DISK"')
+    result, _ = on_full_disk(tmp_path / "logs", script, 16_384)
+    assert_one_line_error(result, "(the disk is full)")
+    assert "out of memory" not in result.stderr

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 
 import keras
+import tensorflow as tf
 
 import models
 import train_utils as tu
-from config import make_config
+from config import UserError, make_config
 from run_folder import MODEL_FILES, RunFolder
 from conftest import ENV, ROOT
 
@@ -148,3 +149,15 @@ def test_a_wait_blocked_inside_tensorflow_still_ends_on_a_signal_or_its_deadline
     last = err.strip().splitlines()[-1]  # after TensorFlow's own start-up notes
     assert process.returncode == code, err
     assert last.startswith(words) and "without a new checkpoint; the last one is kept" in last, err
+
+
+def test_a_full_disk_that_tensorflow_calls_resource_exhausted_is_no_memory_error():
+    cfg = make_config(image_size=32)
+    full = tf.errors.ResourceExhaustedError(None, None, "logs/run/events.out; No space left on device")
+    with pytest.raises(UserError, match=r"a write failed \(the disk is full\): logs/run") as error:
+        with tu.out_of_memory_as_user_error(cfg):
+            raise full
+    assert "--image-size" not in str(error.value)
+    with pytest.raises(UserError, match="out of memory with --image-size 32"):
+        with tu.out_of_memory_as_user_error(cfg):
+            raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
