@@ -214,8 +214,8 @@ class Writers:
 
 def write_translation(target, image):
     try:
-        data.write_image(target, image)
-    except (OSError, ValueError) as error:
+        data.write_image(target, image)  # a failed write is one line already (fileio.atomic_write)
+    except ValueError as error:
         raise UserError(f"cannot write {target}: {data.one_line(error)}") from None
 
 
