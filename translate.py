@@ -342,10 +342,10 @@ def translate_clip(translator, source, target, max_size, keep_size):
         original = (stream.codec_context.height, stream.codec_context.width)
         size = scaled_size(original, max_size, even=True)
         out_size = scaled_size(original, 0, even=True) if keep_size else size
-        frames = (frame.to_ndarray(format="rgb24", height=size[0], width=size[1])
-                  for frame in clip.decode(stream))
+        broken = []
         batches = tf.data.Dataset.from_generator(
-            lambda: frames, output_signature=tf.TensorSpec((*size, 3), tf.uint8))
+            lambda: decoded_frames(av, clip, stream, size, broken),
+            output_signature=tf.TensorSpec((*size, 3), tf.uint8))
         batches = batches.batch(max(1, BATCH_PIXELS // (size[0] * size[1]))).prefetch(1)
         print(f"{data.file_name(source)}: {stream.frames or 'unknown number of'} frames at "
               f"{float(rate):g} frames/s, {original[1]}x{original[0]}")
@@ -354,10 +354,30 @@ def translate_clip(translator, source, target, max_size, keep_size):
             with atomic_write(target) as tmp:
                 encode(av, tmp, Path(target).suffix.lower(), rate, out_size,
                        translated_frames(translator, batches, out_size, progress, source))
+                if broken and not progress.done:
+                    raise data.UnusableImage(f"unreadable: {broken[0]}")
         except av.error.FFmpegError as error:
             raise UserError(f"cannot write {target}: {data.one_line(error)}") from None
         progress.finish()
+        if broken:
+            warnings.warn(f"{data.file_name(source)} breaks off after frame {progress.done} "
+                          f"({broken[0]}); the {progress.done} frames before are translated "
+                          f"into {target}", BrokenClipWarning)
         return bool(clip.streams.audio)
+
+
+class BrokenClipWarning(UserWarning):
+    """A clip's video stops decoding part-way; the frames before it are translated."""
+
+
+def decoded_frames(av, clip, stream, size, broken):
+    """The clip's frames as uint8 arrays of `size`, up to the first that fails to decode; its
+    error is appended to `broken`."""
+    try:
+        for frame in clip.decode(stream):
+            yield frame.to_ndarray(format="rgb24", height=size[0], width=size[1])
+    except av.error.FFmpegError as error:
+        broken.append(error.strerror or data.one_line(error))
 
 
 def translated_frames(translator, batches, size, progress, source):
