@@ -88,6 +88,7 @@ def train(cfg, resume=False, overwrite=False):
     precision, why = machine.choose_precision(cfg.precision)
     cfg = dataclasses.replace(cfg, precision=precision)  # config.json records the choice
     print(f"Precision: {precision} ({why})")
+    tu.check_training_memory(cfg)  # before anything is written or fetched
     if cfg.data == "demo":
         print("Training on the built-in demo data (pass --data NAME or --data PATH for your own).")
     root = data.resolve_dataset(cfg.data)

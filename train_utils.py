@@ -221,6 +221,45 @@ def check_finite(losses, step):
                                    "the last checkpoint and saved models are kept (try a lower --lr)")
 
 
+# A generator update's passes per image pair: G_AB(A), G_BA(B), the two cycles and the two
+# identity maps through the generators, the two fakes through the discriminators.
+GENERATOR_PASSES, DISCRIMINATOR_PASSES = 6, 2
+# Copies of those passes' activations a step holds at its peak (kept for the backward pass,
+# and gradients), and what a run holds besides its tensors (compiled steps, the input
+# pipeline, thread pools): fitted to measured peaks (docs/benchmarks.md#training-memory-on-a-cpu).
+STEP_COPIES = 1.5
+RUNTIME_BYTES = 400 * 2 ** 20
+# A float32 weight in training: itself, its gradient and Adam's two moments.
+BYTES_PER_WEIGHT = 16
+
+
+def training_memory(cfg):
+    """Bytes a training run of `cfg` adds at its peak step, about: activations, weights,
+    optimizer states, the image pools and the runtime."""
+    with machine.dtype_policy(cfg.precision):
+        g, d = models.build_generator(cfg, "g"), models.build_discriminator(cfg, "d")
+    shape = (cfg.batch_size, cfg.image_size, cfg.image_size, 3)
+    activations = (GENERATOR_PASSES * sum(machine.layer_output_bytes(g, shape))
+                   + DISCRIMINATOR_PASSES * sum(machine.layer_output_bytes(d, shape)))
+    weights = 2 * (g.count_params() + d.count_params()) * BYTES_PER_WEIGHT
+    pools = 2 * cfg.pool_size * cfg.image_size ** 2 * 3 * 4
+    return RUNTIME_BYTES + STEP_COPIES * activations + weights + pools
+
+
+def check_training_memory(cfg):
+    """On a CPU, where running out of memory kills the process with no word, a run whose
+    step would not fit in free memory is refused beforehand, in one line."""
+    free = machine.available_memory() if machine.on_cpu() else None
+    if free is None:
+        return
+    needed = training_memory(cfg)
+    if needed > free:
+        raise UserError(f"a training step with --image-size {cfg.image_size} and --batch-size "
+                        f"{cfg.batch_size} needs about {needed / 2 ** 30:.1f} GiB, more than the "
+                        f"{free / 2 ** 30:.1f} GiB of free memory; try a smaller --image-size "
+                        "or --batch-size")
+
+
 @contextlib.contextmanager
 def out_of_memory_as_user_error(cfg):
     """Running out of memory is the settings' fault: say which settings, in one line.

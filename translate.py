@@ -9,7 +9,6 @@ the same way; their sound is not carried over.
 """
 import collections
 import concurrent.futures
-import contextlib
 import os
 import time
 import warnings
@@ -129,21 +128,10 @@ def scaled_size(size, max_size, even=False):
     return (max(2, height - height % 2), max(2, width - width % 2)) if even else (height, width)
 
 
-def available_memory(meminfo="/proc/meminfo"):
-    """Bytes the kernel can still hand out without swapping; None where unknown."""
-    with contextlib.suppress(OSError, ValueError, IndexError), open(meminfo) as lines:
-        for line in lines:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return None
-
-
 def bytes_per_pixel(generator, probe=64):
     """Memory an untiled pass needs per input pixel: LIVE_ACTIVATIONS of its widest activation."""
-    every_layer = keras.Model(generator.input, [layer.output for layer in generator.layers[1:]])
-    specs = every_layer.compute_output_spec(keras.KerasTensor((1, probe, probe, 3)))
-    return LIVE_ACTIVATIONS * max(np.prod(spec.shape[1:]) * tf.as_dtype(spec.dtype).size
-                                  for spec in specs) / probe ** 2
+    widest = max(machine.layer_output_bytes(generator, (1, probe, probe, 3)))
+    return LIVE_ACTIVATIONS * widest / probe ** 2
 
 
 def out_of_memory(name, size):
@@ -164,8 +152,7 @@ class Translator:
             self.tiled = tiling.TiledGenerator(self.generator, tile)
         self.compiled = tf.function(self.translate_batch, input_signature=[
             tf.TensorSpec((None, None, None, 3), tf.uint8)])
-        self.bytes_per_pixel = None if tf.config.list_logical_devices("GPU") \
-            else bytes_per_pixel(self.generator)
+        self.bytes_per_pixel = bytes_per_pixel(self.generator) if machine.on_cpu() else None
 
     def translate_batch(self, images):
         """uint8 NHWC images -> float32 [-1, 1] translations of the same size."""
@@ -180,7 +167,7 @@ class Translator:
                             for image in images])
         else:
             if self.bytes_per_pixel and (self.bytes_per_pixel * np.prod(images.shape[:3])
-                                         > (available_memory() or float("inf"))):
+                                         > (machine.available_memory() or float("inf"))):
                 raise MemoryError
             out = self.compiled(images)
         if size is not None and tuple(size) != tuple(out.shape[1:3]):

@@ -161,3 +161,26 @@ def test_a_full_disk_that_tensorflow_calls_resource_exhausted_is_no_memory_error
     with pytest.raises(UserError, match="out of memory with --image-size 32"):
         with tu.out_of_memory_as_user_error(cfg):
             raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+
+
+def test_a_run_too_big_for_free_memory_on_a_cpu_is_refused_before_anything_is_written(
+        tmp_path, monkeypatch, capsys):
+    """On a CPU, running out of memory is the kernel's kill with no word: estimated first."""
+    import functools
+    import machine
+    from conftest import one_line_error, tiny_data
+    tiny_data(tmp_path / "data")
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:        2097152 kB\nMemFree:          524288 kB\n"
+                       "MemAvailable:     1048576 kB\n")  # 1 GiB free
+    monkeypatch.setattr(machine, "available_memory",
+                        functools.partial(machine.available_memory, meminfo))
+    monkeypatch.chdir(tmp_path)
+    err = one_line_error(["--data", "data", "--image-size", 256, "--batch-size", 4,
+                          "--name", "big"], capsys)
+    assert "--image-size 256 and --batch-size 4 needs about" in err and "1.0 GiB of free" in err
+    assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()
+    small = make_config(image_size=32, precision="float32")
+    assert tu.training_memory(small) < 2 ** 30 < tu.training_memory(
+        make_config(image_size=256, batch_size=4, precision="float32"))
+    tu.check_training_memory(small)  # fits: no error

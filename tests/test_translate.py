@@ -11,6 +11,7 @@ from PIL import Image
 from conftest import one_line_error, run_cli
 
 import data
+import machine
 import main
 import models
 import pretrained
@@ -167,7 +168,7 @@ def test_a_photo_larger_than_free_memory_is_refused_whole_and_translates_in_tile
         generators, tmp_path, capsys, monkeypatch):
     """On a CPU, running out of memory aborts the process: the estimate refuses it first."""
     photos(tmp_path / "in", [(40, 60)])
-    monkeypatch.setattr(translate, "available_memory", lambda: 100_000)
+    monkeypatch.setattr(machine, "available_memory", lambda: 100_000)
     args = ["translate", "--generator", generators["book"], "--input", tmp_path / "in"]
     err = one_line_error(args + ["--output", tmp_path / "whole"], capsys)
     assert "out of memory translating photo_0.png (60x40)" in err and "--tile" in err
@@ -179,7 +180,7 @@ def test_the_memory_estimate_covers_the_widest_activation(generators):
     generator = models.load_generator(generators["paper"])  # 8 channels at full size, padded by 3
     assert translate.bytes_per_pixel(generator) == pytest.approx(
         translate.LIVE_ACTIVATIONS * 8 * 4 * (70 / 64) ** 2)
-    assert translate.available_memory() is None or translate.available_memory() > 0
+    assert machine.available_memory() is None or machine.available_memory() > 0
 
 
 @pytest.mark.parametrize("flags, words", [
