@@ -369,6 +369,7 @@ def save_h5(model, path):
             with h5py.File(image, "w") as h5:
                 # model.save's own .h5 writer, handed an open file instead of a path.
                 legacy_h5_format.save_model_to_hdf5(model, h5)
+            tmp.parent.mkdir(parents=True, exist_ok=True)  # as model.save makes it
             tmp.write_bytes(image.getbuffer())
         else:
             model.save(tmp)
