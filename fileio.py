@@ -1,5 +1,6 @@
 """Writing files so that nothing is lost or written elsewhere: temporary sibling then rename,
-locks the kernel drops when a process dies, and the checks every user-named output gets.
+one line for a failed write of any library, locks the kernel drops when a process dies, and
+the checks every user-named output gets.
 
 Kept apart from the TensorFlow modules so that the CLI can use it before importing them.
 """
