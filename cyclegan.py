@@ -65,6 +65,31 @@ def learning_rate(epoch, cfg):
     return cfg.lr * max(0.0, 1.0 - (epoch - cfg.epochs + 1) / (cfg.decay_epochs + 1))
 
 
+# A generator update's passes per image pair: G_AB(A), G_BA(B), the two cycles and the two
+# identity maps through the generators, the two fakes through the discriminators.
+GENERATOR_PASSES, DISCRIMINATOR_PASSES = 6, 2
+# Copies of those passes' activations a step holds at its peak (kept for the backward pass,
+# and gradients), and what a run holds besides its tensors (compiled steps, the input
+# pipeline, thread pools): fitted to measured peaks (docs/benchmarks.md#training-memory-on-a-cpu).
+STEP_COPIES = 1.5
+RUNTIME_BYTES = 400 * 2 ** 20
+# A float32 weight in training: itself, its gradient and Adam's two moments.
+BYTES_PER_WEIGHT = 16
+
+
+def training_memory(cfg):
+    """Bytes a training run of `cfg` adds at its peak step, about: activations, weights,
+    optimizer states, the image pools and the runtime."""
+    with machine.dtype_policy(cfg.precision):
+        g, d = models.build_generator(cfg, "g"), models.build_discriminator(cfg, "d")
+    shape = (cfg.batch_size, cfg.image_size, cfg.image_size, 3)
+    activations = (GENERATOR_PASSES * sum(machine.layer_output_bytes(g, shape))
+                   + DISCRIMINATOR_PASSES * sum(machine.layer_output_bytes(d, shape)))
+    weights = 2 * (g.count_params() + d.count_params()) * BYTES_PER_WEIGHT
+    pools = 2 * cfg.pool_size * cfg.image_size ** 2 * 3 * 4
+    return RUNTIME_BYTES + STEP_COPIES * activations + weights + pools
+
+
 class ImagePool:
     """History of generated images (Shrivastava et al.), as in the paper.
 

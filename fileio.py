@@ -1,5 +1,6 @@
 """Writing files so that nothing is lost or written elsewhere: temporary sibling then rename,
-locks the kernel drops when a process dies, and the checks every user-named output gets.
+one line for a failed write of any library, locks the kernel drops when a process dies, and
+the checks every user-named output gets.
 
 Kept apart from the TensorFlow modules so that the CLI can use it before importing them.
 """
@@ -11,7 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
-from config import UserError
+from config import UserError, one_line
 
 
 def atomic_path(path):
@@ -29,8 +30,68 @@ def remove(path):
         path.unlink()
 
 
-def cannot_write(path, error):
-    return UserError(f"cannot write {path} ({error.strerror or error})")
+# Why a write failed, by errno. Libraries other than Python's own (TensorFlow, h5py, PyAV)
+# raise errors of their own types, whose messages quote the system's words for these.
+WRITE_CAUSES = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+                errno.EROFS: "a read-only file system", errno.ENAMETOOLONG: "the name is too long",
+                errno.EACCES: "permission denied", errno.EPERM: "permission denied",
+                errno.EFBIG: "the file is too large for its file system or limits"}
+# A failed write of unclear cause, with less than this free where it went, is put down to a full
+# disk: less than the largest file written in one go (an official generator's .h5, 45 MB).
+NEARLY_FULL_BYTES = 64 * 2 ** 20
+
+
+def free_bytes(path):
+    """Bytes free for this user on the file system of `path` (or of its nearest existing folder)."""
+    for folder in (Path(path), *Path(path).absolute().parents):
+        with contextlib.suppress(OSError):
+            stat = os.statvfs(folder)
+            return stat.f_bavail * stat.f_frsize
+    return None
+
+
+def stated_cause(error):
+    """The WRITE_CAUSES an error of any library names, by its errno or in its message; or None."""
+    if isinstance(error, OSError) and error.errno in WRITE_CAUSES:
+        return WRITE_CAUSES[error.errno]
+    message = str(error)
+    return next((cause for number, cause in WRITE_CAUSES.items()
+                 if os.strerror(number) in message), None)
+
+
+def write_cause(path, error):
+    """Why writing `path` failed with `error`, of any library, in a few words; None where
+    `error` is not a failed write (a bug, a refusal of our own)."""
+    if isinstance(error, UserError) or not isinstance(error, Exception):
+        return None
+    if stated_cause(error):
+        return stated_cause(error)
+    free = free_bytes(path)
+    if free is not None and free < NEARLY_FULL_BYTES:
+        return f"the disk is full: {free / 2 ** 20:.1f} MB free"
+    if isinstance(error, OSError):
+        return error.strerror or one_line(error)
+    return None
+
+
+def cannot_write(path, error, written=None):
+    """The one line for `error` failing to write `path`; None where it is no failed write.
+    `written`: the path the writer used (a temporary sibling), whose file system is asked."""
+    cause = write_cause(written or path, error)
+    return UserError(f"cannot write {path} ({cause})") if cause else None
+
+
+@contextlib.contextmanager
+def writing(path):
+    """A block that writes `path` (a file or a folder): a failed write, whichever library
+    raised it, is one line naming `path` and why; other errors pass."""
+    try:
+        yield
+    except Exception as error:
+        failed = cannot_write(path, error)
+        if failed is None:
+            raise
+        raise failed from None
 
 
 @contextlib.contextmanager
@@ -41,7 +102,7 @@ def atomic_write(path):
     is removed first, so a write never goes through it; `path` itself is
     replaced, never written through. On an error the temporary file (or
     folder: a SavedModel) is removed, `path` keeps its earlier content, and
-    an unwritable place is one line.
+    a failed write, whichever library raised it, is one line.
     """
     tmp = atomic_path(path)
     try:
@@ -49,10 +110,12 @@ def atomic_write(path):
         yield tmp
         os.replace(tmp, path)
     except BaseException as error:
+        # Asked before the clean-up frees the space a full disk's write took.
+        failed = cannot_write(path, error, tmp)
         with contextlib.suppress(OSError):  # the clean-up never hides the first error
             remove(tmp)
-        if isinstance(error, OSError):
-            raise cannot_write(path, error) from None
+        if failed:
+            raise failed from None
         raise
 
 

@@ -42,6 +42,28 @@ def native_bfloat16(cpuinfo="/proc/cpuinfo"):
     return "CPU with " + ", ".join(found) if found else None
 
 
+def on_cpu():
+    """Whether this process computes on the CPU, where running out of memory ends it (the
+    kernel's kill) instead of raising an error: work that would not fit is refused beforehand."""
+    return not tf.config.list_logical_devices("GPU")
+
+
+def available_memory(meminfo="/proc/meminfo"):
+    """Bytes the kernel can still hand out without swapping; None where unknown."""
+    with contextlib.suppress(OSError, ValueError, IndexError), open(meminfo) as lines:
+        for line in lines:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
+
+
+def layer_output_bytes(model, shape):
+    """Bytes of each layer's output for an input of `shape` (batch first), as computed."""
+    every_layer = keras.Model(model.input, [layer.output for layer in model.layers[1:]])
+    specs = every_layer.compute_output_spec(keras.KerasTensor(shape))
+    return [math.prod(spec.shape) * tf.as_dtype(spec.dtype).size for spec in specs]
+
+
 def choose_precision(requested):
     """(precision, why) for --precision: auto is bfloat16 where it is native, else float32."""
     if requested != "auto":

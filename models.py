@@ -4,12 +4,14 @@ Every builder is a pure function of a `config.Config`; nothing here trains
 (cyclegan.py does).
 """
 import functools
-import logging
+import io
 
+import h5py
 import keras
 import numpy as np
 import tensorflow as tf
 from keras import layers
+from keras.src.legacy.saving import legacy_h5_format
 
 import machine
 from config import UserError
@@ -207,11 +209,23 @@ def float32_twin(model):
 
 
 def save_h5(model, path):
-    """A model as .h5, written whole before it replaces an earlier file."""
-    # .h5 on purpose (the chapter's format); Keras's "legacy format" note is noise here.
-    absl = logging.getLogger("absl")
-    with atomic_write(path) as tmp, machine.temporarily(lambda: absl.level, absl.setLevel, logging.ERROR):
-        model.save(tmp)
+    """A model as .h5 (the chapter's format) or .keras, written whole before it replaces an
+    earlier file.
+
+    The .h5 is built in memory by h5py and written by Python: where h5py
+    itself fails to write a file (a full disk), HDF5 keeps objects of it
+    open that its exit handler then crashes on (a segfault at exit).
+    """
+    with atomic_write(path) as tmp:
+        if tmp.suffix == ".h5":
+            image = io.BytesIO()
+            with h5py.File(image, "w") as h5:
+                # model.save's own .h5 writer, handed an open file instead of a path.
+                legacy_h5_format.save_model_to_hdf5(model, h5)
+            tmp.parent.mkdir(parents=True, exist_ok=True)  # as model.save makes it
+            tmp.write_bytes(image.getbuffer())
+        else:
+            model.save(tmp)
 
 
 def load_generator(path, flag="--generator"):

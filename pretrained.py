@@ -11,6 +11,7 @@ import collections
 import io
 import os
 import pickle
+import pickletools
 import re
 import struct
 import tempfile
@@ -47,6 +48,12 @@ STORAGE_DTYPES = {
 # Buffers that InstanceNorm layers carried before PyTorch 0.4; the official loader drops them.
 STALE_NORM_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 CLAIMS_TOO_MUCH = "its tensors claim more bytes than the file has: the file is damaged"
+# A state dict's objects nest about 6 deep (dict, tensor, its arguments, their tuples).
+MAX_PICKLE_DEPTH = 200
+MEMO_PUTS = ("PUT", "BINPUT", "LONG_BINPUT", "MEMOIZE")
+MEMO_GETS = ("GET", "BINGET", "LONG_BINGET")
+# Opcodes that put their other operands into the object beneath them, which stays.
+FILLS = ("APPEND", "APPENDS", "SETITEM", "SETITEMS", "ADDITEMS", "BUILD")
 
 
 class CheckpointError(UserError):
@@ -111,30 +118,102 @@ class StateDictUnpickler(pickle.Unpickler):
         return self.storage(dtype, key, numel, pid[5] if len(pid) > 5 else None)
 
 
+def check_pickle(file):
+    """Refuse, before the C unpickler builds anything, a pickle whose objects nest deeper than
+    MAX_PICKLE_DEPTH or whose memo indexes reach past its own length; `file` is left where it was.
+
+    Nesting costs the unpickler nothing, but hashing a dict key that is a
+    tuple nested 200,000 deep overflows the C stack (a segfault); a memo
+    index makes the unpickler allocate a table that long. The scan replays
+    the opcodes on a stack of nesting depths. A list or dict filled after it
+    was memoised keeps its memoised depth there; no code here recurses
+    through those, and tuples, which hashing recurses through, are built whole.
+    """
+    start = file.tell()
+    stack, marks, memo = [], [], {}
+    for count, (op, arg, _) in enumerate(pickletools.genops(file)):
+        if op.name in MEMO_PUTS:
+            index = len(memo) if op.name == "MEMOIZE" else arg
+            if index > count:
+                raise CheckpointError(f"its pickle has a memo index ({index}) past its length")
+            memo[index] = stack[-1]
+        elif op.name in MEMO_GETS:
+            stack.append(memo[arg])
+        elif op.name == "MARK":
+            marks.append(len(stack))
+        elif op.name == "DUP":
+            stack.append(stack[-1])
+        elif op.name == "POP" and marks and marks[-1] == len(stack):
+            marks.pop()  # POP drops the topmost mark where nothing lies above it
+        else:
+            taken = []
+            below = len(op.stack_before)  # operands beneath a mark, or all of them
+            if pickletools.markobject in op.stack_before:
+                below = op.stack_before.index(pickletools.markobject)
+                taken = stack[marks[-1]:]
+                del stack[marks.pop():]
+            if len(stack) < below:
+                raise pickle.UnpicklingError("its pickle takes more than its stack holds")
+            if below:
+                taken = stack[-below:] + taken
+                del stack[-below:]
+            if op.stack_after:
+                depth = (max([taken[0]] + [d + 1 for d in taken[1:]]) if op.name in FILLS
+                         else max(taken, default=0) + 1)
+                if depth > MAX_PICKLE_DEPTH:
+                    raise CheckpointError(f"its pickle nests objects more than {MAX_PICKLE_DEPTH} "
+                                          "deep, which no state dict does")
+                stack.append(depth)
+    file.seek(start)
+
+
 def unpickle(file, storage=None, file_bytes=0):
     def no_storage(*_):
         raise CheckpointError("unexpected tensor data in the file's header")
+    check_pickle(file)
     return StateDictUnpickler(file, storage or no_storage, file_bytes).load()
 
 
 def read_zip(path):
-    """The state dict of PyTorch >= 1.6: data.pkl plus one data/KEY entry per storage."""
+    """The state dict of PyTorch >= 1.6: data.pkl plus one data/KEY entry per storage.
+
+    torch.save stores its entries uncompressed, so together they hold no more
+    bytes than the file: the sizes the zip's directory declares are checked
+    against that before anything is inflated, and an entry is inflated no
+    further than its declared size (a stream that goes on fails its CRC).
+    """
+    file_bytes = budget = Path(path).stat().st_size
     with zipfile.ZipFile(path) as archive:
         pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
         if len(pickles) != 1:
             raise CheckpointError("a zip file without exactly one data.pkl is no PyTorch checkpoint")
         prefix = pickles[0][:-len("data.pkl")]
+        storages = {}
+
+        def inflated(entry):
+            nonlocal budget
+            budget -= entry.file_size
+            if budget < 0:
+                raise CheckpointError(CLAIMS_TOO_MUCH)
+            with archive.open(entry) as stream:  # read(n) inflates at most n bytes; read() all
+                raw = stream.read(entry.file_size)
+            if len(raw) != entry.file_size:
+                raise CheckpointError(f"{entry.filename} is cut short: the file is damaged")
+            return raw
 
         def storage(dtype, key, numel, _):
-            try:
-                entry = archive.getinfo(f"{prefix}data/{key}")
-            except KeyError:
-                raise CheckpointError(f"tensor data {key} is missing from the file") from None
-            if entry.file_size != numel * dtype.itemsize:  # checked before unpacking anything
-                raise CheckpointError(f"tensor data {key} has the wrong size: the file is damaged")
-            return np.frombuffer(archive.read(entry), dtype)
+            if key not in storages:
+                try:
+                    entry = archive.getinfo(f"{prefix}data/{key}")
+                except KeyError:
+                    raise CheckpointError(f"tensor data {key} is missing from the file") from None
+                if entry.file_size != numel * dtype.itemsize:  # checked before unpacking anything
+                    raise CheckpointError(f"tensor data {key} has the wrong size: the file is damaged")
+                storages[key] = np.frombuffer(inflated(entry), dtype)
+            return storages[key]
 
-        return unpickle(io.BytesIO(archive.read(pickles[0])), storage, Path(path).stat().st_size)
+        state_pickle = io.BytesIO(inflated(archive.getinfo(pickles[0])))
+        return unpickle(state_pickle, storage, file_bytes)
 
 
 def read_legacy(file, file_size):

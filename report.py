@@ -19,7 +19,7 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import image_files  # noqa: E402
-from fileio import atomic_write  # noqa: E402
+from fileio import atomic_write, writing  # noqa: E402
 
 # TensorBoard sections: one per group, so the dashboard opens on a handful of them.
 LOSS_TAG = "loss/{}"
@@ -131,10 +131,15 @@ class RunProgress:
 # --- TensorBoard ------------------------------------------------------------
 
 class TensorBoardLogger:
-    """Scalars, images and the networks' graph in one TensorBoard run: logs/NAME."""
+    """Scalars, images and the networks' graph in one TensorBoard run: logs/NAME.
+
+    A failed write of its event file (a full disk) is one line naming the folder.
+    """
 
     def __init__(self, folder):
-        self.writer = tf.summary.create_file_writer(str(folder))
+        self.folder = folder
+        with writing(folder):
+            self.writer = tf.summary.create_file_writer(str(folder))
 
     def losses(self, values, learning_rate, step):
         self.scalars({**{LOSS_TAG.format(k): v for k, v in values.items()},
@@ -144,24 +149,25 @@ class TensorBoardLogger:
         self.scalars({METRIC_TAG.format(k): v for k, v in scores.items()}, step)
 
     def scalars(self, values, step):
-        with self.writer.as_default(step=step):
+        with writing(self.folder), self.writer.as_default(step=step):
             for key, value in values.items():
                 tf.summary.scalar(key, value)
 
     def image_file(self, tag, png_path, step):
         image = tf.io.decode_png(tf.io.read_file(str(png_path)), channels=3)
-        with self.writer.as_default(step=step):
+        with writing(self.folder), self.writer.as_default(step=step):
             tf.summary.image(tag, image[None])
 
     def graph(self, generator, discriminator):
         """A generator and a discriminator as one graph in the run's Graphs tab (a run holds one)."""
         spec = tf.TensorSpec((1,) + tuple(discriminator.input.shape[1:]), discriminator.input.dtype)
         both = tf.function(lambda x: (generator(x, training=False), discriminator(x, training=False)))
-        with self.writer.as_default():
+        with writing(self.folder), self.writer.as_default():
             tf.summary.graph(both.get_concrete_function(spec).graph)
 
     def flush(self):
-        self.writer.flush()
+        with writing(self.folder):
+            self.writer.flush()
 
 
 class NoLogger:

@@ -25,7 +25,7 @@ import tensorflow as tf
 
 import config
 from config import UserError
-from fileio import FileLock, atomic_path, atomic_write, cannot_write, remove
+from fileio import FileLock, atomic_path, atomic_write, cannot_write, remove, write_cause
 
 MODEL_FILES = {"g_ab": "generatorAToB.h5", "g_ba": "generatorBToA.h5",
                "d_a": "discriminatorA.h5", "d_b": "discriminatorB.h5"}
@@ -299,12 +299,14 @@ class RunCheckpoint:
         try:
             self.manager.save(checkpoint_number=step)
         except (tf.errors.OpError, OSError) as error:
+            # Asked before the clean-up frees the space the partial checkpoint took.
+            said = str(getattr(error, "message", error)).rsplit("; ", 1)[-1].split(" [Op:")[0]
+            reason = write_cause(self.manager.directory, error) or f"{said}; is the disk full?"
             with contextlib.suppress(OSError):  # the clean-up never hides the first error
                 remove_partial_checkpoints(self.manager.directory, step)
-            reason = str(getattr(error, "message", error)).rsplit("; ", 1)[-1].split(" [Op:")[0]
             kept = self.manager.latest_checkpoint
             raise UserError(f"could not write the checkpoint of step {step} in "
-                            f"{self.manager.directory} ({reason}; is the disk full?); "
+                            f"{self.manager.directory} ({reason}); "
                             + (f"{Path(kept).name} is kept, resume from it with --resume" if kept
                                else "no checkpoint was written")) from None
 

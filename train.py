@@ -97,6 +97,8 @@ def train(cfg, resume=False, overwrite=False):
     precision, why = machine.choose_precision(cfg.precision)
     cfg = dataclasses.replace(cfg, precision=precision)  # config.json records the choice
     print(f"Precision: {precision} ({why})")
+    # Before anything is written or fetched.
+    train_utils.check_training_memory(cfg, cyclegan.training_memory(cfg))
     if cfg.data == "demo":
         print("Training on the built-in demo data (pass --data NAME or --data PATH for your own).")
     root = data.resolve_dataset(cfg.data)

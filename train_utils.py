@@ -12,7 +12,9 @@ import weakref
 import numpy as np
 import tensorflow as tf
 
+import fileio
 import machine
+import config
 from config import UserError
 
 
@@ -108,12 +110,31 @@ def check_finite(losses, step, kept=None):
                                    + (f", {kept()}" if kept else "") + " (try a lower --lr)")
 
 
+def check_training_memory(cfg, needed):
+    """On a CPU, where running out of memory kills the process with no word, a run whose
+    step would take `needed` bytes, more than free memory, is refused beforehand, in one line."""
+    free = machine.available_memory() if machine.on_cpu() else None
+    if free is None:
+        return
+    if needed > free:
+        raise UserError(f"a training step with --image-size {cfg.image_size} and --batch-size "
+                        f"{cfg.batch_size} needs about {needed / 2 ** 30:.1f} GiB, more than the "
+                        f"{free / 2 ** 30:.1f} GiB of free memory; try a smaller --image-size "
+                        "or --batch-size")
+
+
 @contextlib.contextmanager
 def out_of_memory_as_user_error(cfg):
-    """Running out of memory is the settings' fault: say which settings, in one line."""
+    """Running out of memory is the settings' fault: say which settings, in one line.
+
+    TensorFlow raises the same error for a full disk, where smaller settings would not help.
+    """
     try:
         yield
-    except (tf.errors.ResourceExhaustedError, MemoryError):
+    except (tf.errors.ResourceExhaustedError, MemoryError) as error:
+        if fileio.stated_cause(error):
+            raise UserError(f"a write failed ({fileio.stated_cause(error)}): "
+                            f"{config.op_error_text(error)}") from None
         raise UserError(f"out of memory with --image-size {cfg.image_size} and --batch-size "
                         f"{cfg.batch_size}; try a smaller --image-size or --batch-size") from None
 

@@ -9,7 +9,6 @@ the same way; their sound is not carried over.
 """
 import collections
 import concurrent.futures
-import contextlib
 import os
 import time
 import warnings
@@ -130,21 +129,10 @@ def scaled_size(size, max_size, even=False):
     return (max(2, height - height % 2), max(2, width - width % 2)) if even else (height, width)
 
 
-def available_memory(meminfo="/proc/meminfo"):
-    """Bytes the kernel can still hand out without swapping; None where unknown."""
-    with contextlib.suppress(OSError, ValueError, IndexError), open(meminfo) as lines:
-        for line in lines:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return None
-
-
 def bytes_per_pixel(generator, probe=64):
     """Memory an untiled pass needs per input pixel: LIVE_ACTIVATIONS of its widest activation."""
-    every_layer = keras.Model(generator.input, [layer.output for layer in generator.layers[1:]])
-    specs = every_layer.compute_output_spec(keras.KerasTensor((1, probe, probe, 3)))
-    return LIVE_ACTIVATIONS * max(np.prod(spec.shape[1:]) * tf.as_dtype(spec.dtype).size
-                                  for spec in specs) / probe ** 2
+    widest = max(machine.layer_output_bytes(generator, (1, probe, probe, 3)))
+    return LIVE_ACTIVATIONS * widest / probe ** 2
 
 
 def out_of_memory(name, size):
@@ -165,8 +153,7 @@ class Translator:
             self.tiled = tiling.TiledGenerator(self.generator, tile)
         self.compiled = tf.function(self.translate_batch, input_signature=[
             tf.TensorSpec((None, None, None, 3), tf.uint8)])
-        self.bytes_per_pixel = None if tf.config.list_logical_devices("GPU") \
-            else bytes_per_pixel(self.generator)
+        self.bytes_per_pixel = bytes_per_pixel(self.generator) if machine.on_cpu() else None
 
     def translate_batch(self, images):
         """uint8 NHWC images -> float32 [-1, 1] translations of the same size."""
@@ -180,7 +167,7 @@ class Translator:
                             for image in images])
         else:
             if self.bytes_per_pixel and (self.bytes_per_pixel * np.prod(images.shape[:3])
-                                         > (available_memory() or float("inf"))):
+                                         > (machine.available_memory() or float("inf"))):
                 raise MemoryError
             out = self.compiled(images)
         if size is not None and tuple(size) != tuple(out.shape[1:3]):
@@ -214,8 +201,8 @@ class Writers:
 
 def write_translation(target, image):
     try:
-        image_files.write_image(target, image)
-    except (OSError, ValueError) as error:
+        image_files.write_image(target, image)  # a failed write is one line already (fileio.atomic_write)
+    except ValueError as error:
         raise UserError(f"cannot write {target}: {config.one_line(error)}") from None
 
 
@@ -342,10 +329,10 @@ def translate_clip(translator, source, target, max_size, keep_size):
         original = (stream.codec_context.height, stream.codec_context.width)
         size = scaled_size(original, max_size, even=True)
         out_size = scaled_size(original, 0, even=True) if keep_size else size
-        frames = (frame.to_ndarray(format="rgb24", height=size[0], width=size[1])
-                  for frame in clip.decode(stream))
+        broken = []
         batches = tf.data.Dataset.from_generator(
-            lambda: frames, output_signature=tf.TensorSpec((*size, 3), tf.uint8))
+            lambda: decoded_frames(av, clip, stream, size, broken),
+            output_signature=tf.TensorSpec((*size, 3), tf.uint8))
         batches = batches.batch(max(1, BATCH_PIXELS // (size[0] * size[1]))).prefetch(1)
         print(f"{image_files.file_name(source)}: {stream.frames or 'unknown number of'} frames at "
               f"{float(rate):g} frames/s, {original[1]}x{original[0]}")
@@ -354,10 +341,30 @@ def translate_clip(translator, source, target, max_size, keep_size):
             with atomic_write(target) as tmp:
                 encode(av, tmp, Path(target).suffix.lower(), rate, out_size,
                        translated_frames(translator, batches, out_size, progress, source))
+                if broken and not progress.done:
+                    raise image_files.UnusableImage(f"unreadable: {broken[0]}")
         except av.error.FFmpegError as error:
             raise UserError(f"cannot write {target}: {config.one_line(error)}") from None
         progress.finish()
+        if broken:
+            warnings.warn(f"{image_files.file_name(source)} breaks off after frame {progress.done} "
+                          f"({broken[0]}); the {progress.done} frames before are translated "
+                          f"into {target}", BrokenClipWarning)
         return bool(clip.streams.audio)
+
+
+class BrokenClipWarning(UserWarning):
+    """A clip's video stops decoding part-way; the frames before it are translated."""
+
+
+def decoded_frames(av, clip, stream, size, broken):
+    """The clip's frames as uint8 arrays of `size`, up to the first that fails to decode; its
+    error is appended to `broken`."""
+    try:
+        for frame in clip.decode(stream):
+            yield frame.to_ndarray(format="rgb24", height=size[0], width=size[1])
+    except av.error.FFmpegError as error:
+        broken.append(error.strerror or config.one_line(error))
 
 
 def translated_frames(translator, batches, size, progress, source):

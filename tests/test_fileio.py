@@ -147,3 +147,96 @@ def test_outputs_on_a_read_only_mount_are_one_line_errors(tmp_path):
         errors = [line for line in result.stderr.splitlines() if not line.startswith("warning:")]
         assert len(errors) == 1 and errors[0].startswith("error: cannot write"), (args[0], errors)
     assert list(read_only.iterdir()) == []
+
+
+def test_a_failed_write_of_any_library_names_its_cause_and_bugs_pass(tmp_path):
+    from fileio import cannot_write, writing
+    full = RuntimeError("file write failed: errno = 28, error message = 'No space left on device'")
+    assert "(the disk is full)" in str(cannot_write(tmp_path / "g.h5", full))  # h5py's words
+    assert "read-only" in str(cannot_write(tmp_path / "g.h5", OSError(30, "Read-only file system")))
+    with pytest.raises(UserError, match="name is too long"):
+        with writing(tmp_path):
+            (tmp_path / ("x" * 300)).write_text("")
+    if fileio.free_bytes(tmp_path) > fileio.NEARLY_FULL_BYTES:  # a bug on a roomy disk is a bug
+        with pytest.raises(TypeError):
+            with atomic_write(tmp_path / "page.html"):
+                raise TypeError("a bug")
+
+
+def on_full_disk(folder, script, size):
+    """Run the shell `script` with $DISK a tmpfs of `size` bytes, in a private mount namespace
+    of its own ($PY main.py: the CLI); returns the result and a copy of what $DISK held."""
+    disk, copy = folder / "disk", folder / "disk_after"
+    disk.mkdir(parents=True)
+    copy.mkdir()
+    mount = 'mount -t tmpfs -o size="$SIZE" tmpfs "$DISK" && '
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "--mount", "sh", "-c", mount + "true"], capture_output=True,
+            env={**ENV, "DISK": str(disk), "SIZE": "1m"}).returncode != 0:
+        pytest.skip("no private tmpfs mounts on this machine")
+    env = {**ENV, "DISK": str(disk), "SIZE": str(size), "COPY": str(copy),
+           "PY": f"{sys.executable} {ROOT / 'main.py'}"}
+    result = subprocess.run(["unshare", "--mount", "sh", "-c",
+                             mount + f'({script}); code=$?; cp -a "$DISK"/. "$COPY"; exit $code'],
+                            env=env, capture_output=True, text=True, timeout=900)
+    return result, copy
+
+
+def assert_one_line_error(result, words):
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if not line.startswith("warning:")]
+    assert len(errors) == 1 and errors[0].startswith("error: cannot write"), errors
+    assert words in errors[0], errors
+
+
+def test_convert_and_export_onto_a_nearly_full_disk_are_one_line_and_keep_earlier_files(tmp_path):
+    """h5py's failed writes once crashed the process at exit (rc 139); TensorFlow's SavedModel
+    writer raises its own ResourceExhaustedError."""
+    fixture = ROOT / "tests" / "fixtures" / "official" / "resnet_2blocks_ngf8.zip.pth"
+    script = (f'$PY convert --pth {fixture} --output "$DISK/first.h5" >/dev/null || exit 9; '
+              f'$PY convert --pth {fixture} --output "$DISK/second.h5" || exit $?; exit 0')
+    # One 300 KB .h5 fits, not two.
+    converted, copy = on_full_disk(tmp_path / "convert", script, 400_000)
+    assert_one_line_error(converted, "second.h5 (the disk is full")
+    assert sorted(p.name for p in copy.iterdir()) == ["first.h5"]  # no temporary file left
+    h5 = tmp_path / "g.h5"
+    shutil.copy(copy / "first.h5", h5)
+    run_cli("export", "--generator", h5, "--format", "keras", "--output", tmp_path / "g.keras",
+            cwd=tmp_path)  # the earlier .h5 is whole
+    script = (f'echo mine > "$DISK/notes.txt"; '
+              f'$PY export --generator {h5} --format saved_model --output "$DISK/served"')
+    exported, copy = on_full_disk(tmp_path / "export", script, 100_000)
+    assert_one_line_error(exported, "served (the disk is full")
+    assert [p.name for p in copy.iterdir()] == ["notes.txt"]
+    assert (copy / "notes.txt").read_text() == "mine\n"
+
+
+def test_a_full_disk_at_an_epochs_h5_saves_is_one_line_and_keeps_the_earlier_models(tmp_path):
+    """Epoch 1 writes its models; the disk is then made too small for epoch 2's."""
+    tiny_data(tmp_path / "data")
+    run = (f'$PY --data {tmp_path / "data"} --image-size 32 --filters 16 --disc-filters 8 '
+           f'--res-blocks 1 --name run --results-dir "$DISK" --log-dir {tmp_path / "logs"}')
+    script = (f'{run} --epochs 1 >/dev/null || exit 9; cp -a "$DISK/run/models" {tmp_path}/; '
+              # room for epoch 2's sample grid and half a generator: its .h5 cannot be written
+              'grid=$(stat -c %s "$DISK/run/samples/epoch_0001.png"); '
+              'h5=$(stat -c %s "$DISK/run/models/generatorAToB.h5"); '
+              'used=$(df -B1 --output=used "$DISK" | tail -1); '
+              'mount -o remount,size=$((used + grid + h5 / 2)) "$DISK" || exit 8; '
+              f'{run} --epochs 2 --resume')
+    result, copy = on_full_disk(tmp_path / "train", script, 64 * 2 ** 20)
+    assert_one_line_error(result, "generatorAToB.h5 (the disk is full")
+    assert "Traceback" not in result.stderr
+    assert not [p for p in copy.rglob("*") if ".tmp" in p.name]
+    for model in (tmp_path / "models").iterdir():
+        assert (copy / "run" / "models" / model.name).read_bytes() == model.read_bytes()
+    assert (copy / "run" / "samples" / "epoch_0002.png").is_file()  # what came before it is kept
+
+
+def test_a_full_disk_under_the_log_folder_is_not_called_out_of_memory(tmp_path):
+    """TensorFlow's event writer raises ResourceExhaustedError, as running out of memory does."""
+    tiny_data(tmp_path / "data")
+    script = (f'$PY --data {tmp_path / "data"} --image-size 32 --filters 8 --disc-filters 8 '
+              f'--res-blocks 1 --epochs 1 --results-dir {tmp_path / "results"} --log-dir "$DISK"')
+    result, _ = on_full_disk(tmp_path / "logs", script, 16_384)
+    assert_one_line_error(result, "(the disk is full)")
+    assert "out of memory" not in result.stderr

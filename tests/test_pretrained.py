@@ -7,7 +7,11 @@ with random N(0, 0.02) weights; each .npz holds an input and PyTorch's output.
 import io
 import os
 import pickle
+import struct
+import subprocess
+import sys
 import zipfile
+import zlib
 from pathlib import Path
 
 import keras
@@ -16,7 +20,7 @@ import pytest
 from PIL import Image
 
 from conftest import write_images
-from conftest import one_line_error, serve_folder
+from conftest import ENV, ROOT, one_line_error, serve_folder
 
 import main
 import pretrained
@@ -186,6 +190,14 @@ def test_unknown_pretrained_model_names_the_address_tried(tmp_path, monkeypatch,
 def zip_pth(path, tensors, storage_bytes):
     """A zip-format .pth of one float storage of `storage_bytes` and {name: (size, stride)}
     tensors viewing it, pickled as torch.save pickles them, without PyTorch."""
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", state_pickle(tensors, storage_bytes))
+        archive.writestr("archive/data/0", bytes(storage_bytes))
+    return path
+
+
+def state_pickle(tensors, storage_bytes):
+    """The data.pkl of zip_pth."""
     import collections
     import sys
     import types
@@ -231,10 +243,7 @@ def zip_pth(path, tensors, storage_bytes):
                 sys.modules.pop(name)
             else:
                 sys.modules[name] = module
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("archive/data.pkl", buffer.getvalue())
-        archive.writestr("archive/data/0", bytes(storage_bytes))
-    return path
+    return buffer.getvalue()
 
 
 def test_a_tensor_claiming_more_than_the_file_holds_is_a_one_line_error(tmp_path, capsys):
@@ -249,3 +258,78 @@ def test_a_tensor_claiming_more_than_the_file_holds_is_a_one_line_error(tmp_path
     fine = zip_pth(tmp_path / "fine.pth", {"a": ((2, 128), (128, 1))}, 1024)
     assert pretrained.read_pth(fine)["a"].shape == (2, 128)
     assert not (tmp_path / "g.h5").exists()
+
+
+def deflate_bomb(path, storage_bytes, inflated_bytes):
+    """A zip .pth whose tensor data entry declares `storage_bytes` (as its pickle does) and is a
+    deflated stream of about 1 MB that inflates to `inflated_bytes` of zeros."""
+    chunk = 2 ** 24
+    squeeze = zlib.compressobj(9, zlib.DEFLATED, -15)
+    # After a full flush the stream starts afresh: the same bytes again inflate to the same chunk.
+    block = squeeze.compress(bytes(chunk)) + squeeze.flush(zlib.Z_FULL_FLUSH)
+    stream = block * (inflated_bytes // chunk) + squeeze.flush()
+    tensors = {"model.1.weight": ((storage_bytes // 4,), (1,))}
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("archive/data.pkl", state_pickle(tensors, storage_bytes))
+        archive.writestr("archive/data/0", stream)  # stored: the entry's bytes are the stream
+    raw = bytearray(path.read_bytes())
+    name = b"archive/data/0"
+    local = raw.index(b"PK\x03\x04" + raw[4:8], raw.index(b"archive/data.pkl") + 1)
+    central = next(i for i in range(len(raw)) if raw[i:i + 4] == b"PK\x01\x02"
+                   and raw[i + 46:i + 46 + len(name)] == name)
+    for at, method_at, size_at in ((local, 8, 22), (central, 10, 24)):
+        raw[at + method_at:at + method_at + 2] = struct.pack("<H", zipfile.ZIP_DEFLATED)
+        raw[at + size_at:at + size_at + 4] = struct.pack("<I", storage_bytes)
+    path.write_bytes(raw)
+    return path
+
+
+def deep_legacy_pth(path, depth):
+    """A legacy .pth whose state dict's one key is a tuple nested `depth` deep (a few bytes a
+    level), which CPython's unpickler builds and then hashes by recursion, past the C stack."""
+    head = b"".join(pickle.dumps(value, protocol=2) for value in
+                    (pretrained.LEGACY_MAGIC, pretrained.LEGACY_PROTOCOL, {"little_endian": True}))
+    # PROTO 2, {}, (), then TUPLE1 `depth` times, None, SETITEM, STOP; no storage keys.
+    path.write_bytes(head + b"\x80\x02})" + b"\x85" * depth + b"Ns." + pickle.dumps([], protocol=2))
+    return path
+
+
+def test_a_pth_whose_data_inflates_past_the_file_is_refused_in_bounded_memory(tmp_path, capsys):
+    declares = deflate_bomb(tmp_path / "declares.pth", 2 ** 30, 2 ** 30)
+    hides = deflate_bomb(tmp_path / "hides.pth", 2 ** 19, 2 ** 30)  # declares 512 KiB
+    assert declares.stat().st_size < 2 ** 21 and hides.stat().st_size < 2 ** 21
+    assert "claim more bytes than the file has" in one_line_error(
+        ["convert", "--pth", declares, "--output", tmp_path / "g.h5"], capsys)
+    assert "hides.pth is not a readable PyTorch checkpoint" in one_line_error(
+        ["convert", "--pth", hides, "--output", tmp_path / "g.h5"], capsys)
+    # Neither is inflated whole: reading them fits in 600 MB of address space.
+    code = ("import resource, sys; sys.path.insert(0, sys.argv[1]); import pretrained;"
+            "resource.setrlimit(resource.RLIMIT_AS, (600 * 2 ** 20, resource.RLIM_INFINITY))\n"
+            "for path in sys.argv[2:]:\n"
+            "    try: pretrained.read_pth(path)\n"
+            "    except pretrained.CheckpointError as error: print(error)")
+    result = subprocess.run([sys.executable, "-c", code, str(ROOT), str(declares), str(hides)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and len(result.stdout.splitlines()) == 2, result.stderr
+    assert not (tmp_path / "g.h5").exists()
+
+
+def test_a_pth_nesting_a_tuple_200000_deep_is_refused_not_a_crash(tmp_path):
+    deep = deep_legacy_pth(tmp_path / "deep.pth", 200_000)
+    assert deep.stat().st_size < 300_000
+    result = subprocess.run([sys.executable, str(ROOT / "main.py"), "convert", "--pth", str(deep),
+                             "--output", str(tmp_path / "g.h5")], cwd=tmp_path, env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert "nests objects more than" in result.stderr
+    shallow = deep_legacy_pth(tmp_path / "shallow.pth", 3)  # the scan refuses depth, not tuples
+    with pytest.raises(pretrained.CheckpointError, match="holds no state dict of tensors"):
+        pretrained.read_pth(shallow)
+
+
+def test_a_pickle_memo_index_past_its_length_is_refused_before_unpickling():
+    """CPython's unpickler would allocate a memo table as long as the index (16 GiB here)."""
+    hostile = io.BytesIO(b"\x80\x02N" + b"r" + struct.pack("<I", 2 ** 31) + b".")
+    with pytest.raises(pretrained.CheckpointError, match="memo index"):
+        pretrained.unpickle(hostile)

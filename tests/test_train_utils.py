@@ -104,3 +104,42 @@ def test_a_start_without_a_test_split_checks_each_image_once_and_a_second_start_
     decoded.clear()
     one_line_error(args + ["second"], capsys, code=3)
     assert decoded == []
+
+
+def test_a_full_disk_that_tensorflow_calls_resource_exhausted_is_no_memory_error():
+    import tensorflow as tf
+    from config import UserError, make_config
+    cfg = make_config(image_size=32)
+    full = tf.errors.ResourceExhaustedError(None, None, "logs/run/events.out; No space left on device")
+    with pytest.raises(UserError, match=r"a write failed \(the disk is full\): logs/run") as error:
+        with train_utils.out_of_memory_as_user_error(cfg):
+            raise full
+    assert "--image-size" not in str(error.value)
+    with pytest.raises(UserError, match="out of memory with --image-size 32"):
+        with train_utils.out_of_memory_as_user_error(cfg):
+            raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
+
+
+def test_a_run_too_big_for_free_memory_on_a_cpu_is_refused_before_anything_is_written(
+        tmp_path, monkeypatch, capsys):
+    """On a CPU, running out of memory is the kernel's kill with no word: estimated first."""
+    import functools
+    import cyclegan
+    import machine
+    from config import make_config
+    from conftest import one_line_error, tiny_data
+    tiny_data(tmp_path / "data")
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:        2097152 kB\nMemFree:          524288 kB\n"
+                       "MemAvailable:     1048576 kB\n")  # 1 GiB free
+    monkeypatch.setattr(machine, "available_memory",
+                        functools.partial(machine.available_memory, meminfo))
+    monkeypatch.chdir(tmp_path)
+    err = one_line_error(["--data", "data", "--image-size", 256, "--batch-size", 4,
+                          "--name", "big"], capsys)
+    assert "--image-size 256 and --batch-size 4 needs about" in err and "1.0 GiB of free" in err
+    assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()
+    small = make_config(image_size=32, precision="float32")
+    assert cyclegan.training_memory(small) < 2 ** 30 < cyclegan.training_memory(
+        make_config(image_size=256, batch_size=4, precision="float32"))
+    train_utils.check_training_memory(small, cyclegan.training_memory(small))  # fits: no error

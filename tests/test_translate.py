@@ -8,9 +8,10 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import one_line_error
+from conftest import one_line_error, run_cli
 
 import image_files
+import machine
 import main
 import models
 import pretrained
@@ -167,7 +168,7 @@ def test_a_photo_larger_than_free_memory_is_refused_whole_and_translates_in_tile
         generators, tmp_path, capsys, monkeypatch):
     """On a CPU, running out of memory aborts the process: the estimate refuses it first."""
     photos(tmp_path / "in", [(40, 60)])
-    monkeypatch.setattr(translate, "available_memory", lambda: 100_000)
+    monkeypatch.setattr(machine, "available_memory", lambda: 100_000)
     args = ["translate", "--generator", generators["book"], "--input", tmp_path / "in"]
     err = one_line_error(args + ["--output", tmp_path / "whole"], capsys)
     assert "out of memory translating photo_0.png (60x40)" in err and "--tile" in err
@@ -179,7 +180,7 @@ def test_the_memory_estimate_covers_the_widest_activation(generators):
     generator = models.load_generator(generators["paper"])  # 8 channels at full size, padded by 3
     assert translate.bytes_per_pixel(generator) == pytest.approx(
         translate.LIVE_ACTIVATIONS * 8 * 4 * (70 / 64) ** 2)
-    assert translate.available_memory() is None or translate.available_memory() > 0
+    assert machine.available_memory() is None or machine.available_memory() > 0
 
 
 @pytest.mark.parametrize("flags, words", [
@@ -275,3 +276,26 @@ def test_a_clip_without_the_video_package_is_one_line_naming_it(generators, tmp_
                           tmp_path / "clip.mp4", "--output", tmp_path / "out.mp4"], capsys)
     assert "pip install av" in err
     assert not (tmp_path / "out.mp4").exists()
+
+
+def test_a_clip_that_breaks_mid_stream_keeps_its_first_frames_and_the_folder_goes_on(
+        generators, tmp_path):
+    for name in ("a.mp4", "b.mp4", "c.mp4"):
+        make_clip(tmp_path / "in" / name, frames=24)
+    import av
+    broken = tmp_path / "in" / "b.mp4"
+    with av.open(str(broken)) as clip:
+        packets = [(p.pos, p.size) for p in clip.demux(clip.streams.video[0]) if p.size]
+    raw = bytearray(broken.read_bytes())
+    for pos, size in packets[12:16]:  # noise in place of four frames in the middle
+        raw[pos:pos + size] = np.random.default_rng(pos).integers(0, 256, size, np.uint8).tobytes()
+    broken.write_bytes(raw)
+    result = run_cli("translate", "--generator", generators["book"], "--input", tmp_path / "in",
+                     "--output", tmp_path / "out", cwd=tmp_path)
+    warned = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warned) == 1 and "BrokenClipWarning: b.mp4 breaks off" in warned[0], result.stderr
+    assert "Traceback" not in result.stderr and "Translated 3 clip(s)" in result.stdout
+    assert clip_facts(tmp_path / "out" / "a.mp4")[0] == clip_facts(tmp_path / "out" / "c.mp4")[0] == 24
+    kept = clip_facts(tmp_path / "out" / "b.mp4")[0]
+    assert 0 < kept < 24 and f"the {kept} frames before are translated" in warned[0]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.mp4", "b.mp4", "c.mp4"]
