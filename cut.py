@@ -102,8 +102,8 @@ def build_encoder(generator, cfg):
                        name="nce_encoder")
 
 
-def build_head(encoder, cfg):
-    """F: one two-layer MLP per feature layer, (rows, channels) -> (rows, --nce-head).
+def build_head(channels, width):
+    """F: one two-layer MLP per feature layer, (rows, channels[n]) -> (rows, width).
 
     The official code creates it at the first batch, when PyTorch first
     knows the features' channels; Keras knows them from the graph, so it is
@@ -111,11 +111,11 @@ def build_head(encoder, cfg):
     """
     init = keras.initializers.VarianceScaling(HEAD_INIT_GAIN ** 2, "fan_avg", "untruncated_normal")
     inputs, outputs = [], []
-    for n, feature in enumerate(encoder.outputs):
-        x = keras.Input((feature.shape[-1],), name=f"features_{n}")
+    for n, width_in in enumerate(channels):
+        x = keras.Input((width_in,), name=f"features_{n}")
         inputs.append(x)
-        y = layers.Dense(cfg.nce_head, activation="relu", kernel_initializer=init)(x)
-        outputs.append(layers.Dense(cfg.nce_head, kernel_initializer=init, dtype="float32")(y))
+        y = layers.Dense(width, activation="relu", kernel_initializer=init)(x)
+        outputs.append(layers.Dense(width, kernel_initializer=init, dtype="float32")(y))
     return keras.Model(inputs, outputs, name="patch_head")
 
 
@@ -147,7 +147,7 @@ class CUT:
             self.d_b.compile(optimizer=models.make_optimizer(cfg),
                              loss=keras.losses.MeanSquaredError(), jit_compile=cfg.jit_compile)
             self.encoder = build_encoder(self.g_ab, cfg)
-            self.f = build_head(self.encoder, cfg)
+            self.f = build_head([out.shape[-1] for out in self.encoder.outputs], cfg.nce_head)
             # One Adam over G and F is the official code's two: Adam is per weight, and both
             # take the same rate, betas and steps.
             self.optimizer = models.make_optimizer(cfg)
