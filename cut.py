@@ -114,8 +114,9 @@ def build_head(channels, width):
     for n, width_in in enumerate(channels):
         x = keras.Input((width_in,), name=f"features_{n}")
         inputs.append(x)
-        y = layers.Dense(width, activation="relu", kernel_initializer=init)(x)
-        outputs.append(layers.Dense(width, kernel_initializer=init, dtype="float32")(y))
+        y = layers.Dense(width, activation="relu", kernel_initializer=init, name=f"mlp_{n}_0")(x)
+        outputs.append(layers.Dense(width, kernel_initializer=init, dtype="float32",
+                                    name=f"mlp_{n}_1")(y))
     return keras.Model(inputs, outputs, name="patch_head")
 
 

@@ -36,8 +36,10 @@ def test_patch_head_gives_the_official_patch_sample_f_rows(official):
     layers = sorted(int(k.rsplit("_", 1)[1]) for k in official if k.startswith("head_ids_"))
     channels = [official[f"head_features_{n}"].shape[-1] for n in layers]
     head = cut.build_head(channels, int(official["head_width"]))
-    head.set_weights([official[f"head_{part}_{n}_{m}"] for n in layers for m in (0, 1)
-                      for part in ("kernel", "bias")])
+    for n in layers:
+        for m in (0, 1):
+            head.get_layer(f"mlp_{n}_{m}").set_weights([official[f"head_kernel_{n}_{m}"],
+                                                        official[f"head_bias_{n}_{m}"]])
     rows = head([cut.sample_patches(official[f"head_features_{n}"], official[f"head_ids_{n}"])
                  for n in layers])
     for n in layers:
