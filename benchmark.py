@@ -173,6 +173,8 @@ def run_benchmark(cfg, steps, pipeline_images):
         "pipeline_images": pipeline_images, "pipeline_images_per_s": pipeline,
         "pipeline_headroom": pipeline / figures["images_per_s"],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **({"peak_gpu_mb": tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2 ** 20}
+           if tf.config.list_logical_devices("GPU") else {}),
     }
 
 
