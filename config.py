@@ -48,7 +48,9 @@ class Config:
     log_dir: str = setting("logs", "where TensorBoard logs go")
     seed: int = setting(0, "seeds Python, NumPy, TensorFlow and the data order")
     model: str = setting("cyclegan", "what is trained: cyclegan (the chapter's), or cut or fastcut "
-                                     "(Park et al., 2020: one generator, PatchNCE, no cycle)")
+                                     "(Park et al., 2020: one generator, PatchNCE, no cycle; their own "
+                                     "defaults: no pool, joint D update, 200+200 epochs, "
+                                     "fastcut 150+50)")
 
     # Data.
     image_size: int = setting(128, "training crop size in pixels, a multiple of 4 from 32 to 1024")
@@ -186,8 +188,9 @@ MODEL_DEFAULTS = {
 }
 
 # Settings the built-in demo data uses unless the user sets them: small
-# images and few epochs, so a whole run takes minutes on a laptop CPU.
-DEMO_DEFAULTS = dict(image_size=32, epochs=4, sample_every=1, save_every=2)
+# images and few epochs (no decay, whatever --model's own schedule), so a
+# whole run takes minutes on a laptop CPU.
+DEMO_DEFAULTS = dict(image_size=32, epochs=4, decay_epochs=0, sample_every=1, save_every=2)
 
 # Settings that shape the networks or the data they see: a resumed run must keep them.
 ARCHITECTURE_FIELDS = ("image_size", "gen", "filters", "res_blocks", "norm", "res_norm",
