@@ -133,3 +133,21 @@ def test_summary_of_cut_names_its_networks_and_patchnce(capsys):
     out = capsys.readouterr().out
     assert "generator_AtoB params=" in out and "patch_head params=" in out
     assert "fastcut: PatchNCE on layers 0 (3 channels), 4 " in out and "flip equivariance on" in out
+
+
+def test_a_cut_starting_point_restores_its_weights_and_the_benchmark_counts_its_passes():
+    import benchmark
+    import study
+    cfg = config.make_config(model="cut", image_size=32, filters=4, disc_filters=4, res_blocks=5,
+                             num_patches=16, nce_head=16, precision="float32")
+    gan = cut.CUT.fresh(cfg)
+    start = study.StartingPoint(gan)
+    before = [w.numpy() for w in gan.g_ab.weights + gan.f.weights]
+    images = np.random.default_rng(0).uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32)
+    losses = gan.train_step(images, images)
+    assert set(losses) == set(gan.LOSS_NAMES) and all(np.isfinite(list(losses.values())))
+    assert not np.allclose(before[0], gan.g_ab.weights[0].numpy())
+    start.restore()
+    for value, weight in zip(before, gan.g_ab.weights + gan.f.weights):
+        np.testing.assert_array_equal(value, weight.numpy())
+    assert benchmark.iteration_gflop(gan, cfg) > 0
