@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 import config
-import cyclegan
+import cut
 import data
 import image_files
 import machine
@@ -84,7 +84,8 @@ def timed(fn, repeats):
 
 
 class StepRun:
-    """A fresh CycleGAN for cfg and its real train_step on synthetic batches, warmed up.
+    """A fresh model for cfg (cut.model_class) and its real train_step on synthetic batches,
+    warmed up.
 
     `parts` sums the seconds of each part of the step as measured inside it
     (train_step's `times`), over the timed steps only.
@@ -94,7 +95,7 @@ class StepRun:
         self.cfg = cfg
         self.strategy = machine.make_strategy(cfg.strategy)
         self.replicas = self.strategy.num_replicas_in_sync
-        self.gan = cyclegan.CycleGAN(cfg, self.strategy)
+        self.gan = cut.model_class(cfg)(cfg, self.strategy)
         rng = np.random.default_rng(cfg.seed)
         shape = (cfg.batch_size * self.replicas, cfg.image_size, cfg.image_size, 3)
         self.real_a, self.real_b = (tf.constant(rng.uniform(-1, 1, shape), tf.float32) for _ in "AB")
@@ -119,7 +120,7 @@ class StepRun:
         parts = {name: total / len(times) for name, total in self.parts.items()}
         return {
             "device": tf.config.list_logical_devices()[-1].device_type,
-            "preset": cfg.preset, "image_size": cfg.image_size,
+            "model": cfg.model, "preset": cfg.preset, "image_size": cfg.image_size,
             "batch_size": cfg.batch_size * replicas, "replicas": replicas,
             "precision": precision, "jit_compile": cfg.jit_compile,
             "seconds_per_iteration": seconds, "seconds_per_iteration_min": min(times),
@@ -172,6 +173,8 @@ def run_benchmark(cfg, steps, pipeline_images):
         "pipeline_images": pipeline_images, "pipeline_images_per_s": pipeline,
         "pipeline_headroom": pipeline / figures["images_per_s"],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        **({"peak_gpu_mb": tf.config.experimental.get_memory_info("GPU:0")["peak"] / 2 ** 20}
+           if tf.config.list_logical_devices("GPU") else {}),
     }
 
 

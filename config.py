@@ -47,6 +47,10 @@ class Config:
     results_dir: str = setting("results", "where run folders go")
     log_dir: str = setting("logs", "where TensorBoard logs go")
     seed: int = setting(0, "seeds Python, NumPy, TensorFlow and the data order")
+    model: str = setting("cyclegan", "what is trained: cyclegan (the chapter's), or cut or fastcut "
+                                     "(Park et al., 2020: one generator, PatchNCE, no cycle; their own "
+                                     "defaults: no pool, joint D update, 200+200 epochs, "
+                                     "fastcut 150+50)")
 
     # Data.
     image_size: int = setting(128, "training crop size in pixels, a multiple of 4 from 32 to 1024")
@@ -86,6 +90,20 @@ class Config:
     steps_per_epoch: int = setting(0, "0: max(|A|, |B|) / batch size")
     pool_size: int = setting(0, "generated images kept per domain to train D on; 0: none")
     d_update: str = setting("split", "split: real, then fake; joint: one update, loss halved")
+
+    # CUT and FastCUT (--model cut, fastcut); FastCUT's own defaults are in MODEL_DEFAULTS.
+    lambda_gan: float = setting(1.0, "CUT: weight of the adversarial loss (official --lambda_GAN)")
+    lambda_nce: float = setting(1.0, "CUT: weight of PatchNCE (official --lambda_NCE; fastcut: 10)")
+    nce_idt: bool = setting(True, "CUT: also PatchNCE between B and G(B) (official --nce_idt; "
+                                  "fastcut: off)")
+    nce_layers: str = setting("0,4,8,12,16", "CUT: the official --nce_layers: 0 the image, 1-3, "
+                                             "4-7 and 8-11 the three encoder convs (conv, norm, "
+                                             "relu), 12 and on the residual blocks")
+    num_patches: int = setting(256, "CUT: patches sampled per layer (official --num_patches)")
+    nce_temperature: float = setting(0.07, "CUT: PatchNCE temperature (official --nce_T)")
+    nce_head: int = setting(256, "CUT: width of the MLP head F (official --netF_nc)")
+    flip_equivariance: bool = setting(False, "CUT: G(flip(A)) flipped back must match A patch by "
+                                             "patch, half the steps (fastcut: on)")
 
     # Devices and speed.
     strategy: str = setting("default", "one device, all local GPUs, or TF_CONFIG's machines")
@@ -160,14 +178,25 @@ FAST = dataclasses.replace(
 
 PRESETS = {"book": BOOK, "paper": PAPER, "fast": FAST}
 
+# What --model cut and --model fastcut change unless given, as the official CUT code's
+# options do: no image pool, one halved D update, its epochs, and FastCUT's own weights.
+MODEL_DEFAULTS = {
+    "cyclegan": {},
+    "cut": dict(pool_size=0, d_update="joint", epochs=200, decay_epochs=200),
+    "fastcut": dict(pool_size=0, d_update="joint", epochs=150, decay_epochs=50, lambda_nce=10.0,
+                    nce_idt=False, flip_equivariance=True),
+}
+
 # Settings the built-in demo data uses unless the user sets them: small
-# images and few epochs, so a whole run takes minutes on a laptop CPU.
-DEMO_DEFAULTS = dict(image_size=32, epochs=4, sample_every=1, save_every=2)
+# images and few epochs (no decay, whatever --model's own schedule), so a
+# whole run takes minutes on a laptop CPU.
+DEMO_DEFAULTS = dict(image_size=32, epochs=4, decay_epochs=0, sample_every=1, save_every=2)
 
 # Settings that shape the networks or the data they see: a resumed run must keep them.
 ARCHITECTURE_FIELDS = ("image_size", "gen", "filters", "res_blocks", "norm", "res_norm",
                        "norm_affine", "padding", "alignment", "upsample", "global_skip", "disc",
-                       "disc_filters", "disc_activation", "pool_size", "batch_size")
+                       "disc_filters", "disc_activation", "pool_size", "batch_size", "model",
+                       "nce_layers", "nce_head", "nce_idt")
 # Settings a resumed run must keep as well: the data, its order and its
 # epochs, and the replicas and dtypes its checkpoint was written with.
 RESUME_FIXED = ARCHITECTURE_FIELDS + ("preset", "data", "seed", "load_size", "limit",
@@ -186,11 +215,15 @@ NUMBER_RANGES = {
     "adam_epsilon": (lambda v: 0 < v < 1, "above 0 and below 1"),
     "lambda_cycle": (lambda v: 0 <= v <= 1e4, "from 0 to 10000"),
     "lambda_identity": (lambda v: 0 <= v <= 1e4, "from 0 to 10000"),
+    "lambda_gan": (lambda v: 0 <= v <= 1e4, "from 0 to 10000"),
+    "lambda_nce": (lambda v: 0 <= v <= 1e4, "from 0 to 10000"),
+    "nce_temperature": (lambda v: 1e-3 <= v <= 1e3, "from 0.001 to 1000"),
 }
 
 # The names of models.GENERATORS and models.DISCRIMINATORS are repeated in
 # CHOICES so that the CLI can check flags before importing TensorFlow.
 CHOICES = {
+    "model": ("cyclegan", "cut", "fastcut"),
     "gen": ("resnet",),
     "norm": ("instance", "batch"),
     "res_norm": ("batch", "instance"),
@@ -216,6 +249,8 @@ def make_config(preset="book", **overrides):
         raise UserError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     base = PRESETS[preset]
     given = {k: v for k, v in overrides.items() if v is not None}
+    # The model's own defaults (MODEL_DEFAULTS), under what is given, over the preset's.
+    given = {**MODEL_DEFAULTS.get(given.get("model", base.model), {}), **given}
     unknown = set(given) - {f.name for f in dataclasses.fields(Config)}
     if unknown:
         raise UserError(f"unknown setting(s): {', '.join(sorted(unknown))}")
@@ -309,6 +344,32 @@ def validate(cfg):
     for field, options in CHOICES.items():
         if getattr(cfg, field) not in options:
             raise UserError(f"{flag(field)} must be one of {', '.join(options)}")
+    if cfg.model != "cyclegan":
+        validate_cut(cfg)
+
+
+def nce_layers(cfg):
+    """--nce-layers as a tuple of ints, each one a point of the generator's encoder."""
+    try:
+        layers = tuple(int(part) for part in cfg.nce_layers.split(","))
+    except ValueError:
+        raise UserError(f"--nce-layers must be numbers separated by commas, got "
+                        f"{cfg.nce_layers!r}") from None
+    last = 11 + cfg.n_res_blocks
+    if not layers or any(not 0 <= i <= last for i in layers) or len(set(layers)) < len(layers):
+        raise UserError(f"--nce-layers must be distinct numbers from 0 to {last} (12 and on: the "
+                        f"{cfg.n_res_blocks} residual blocks), got {cfg.nce_layers!r}")
+    return layers
+
+
+def validate_cut(cfg):
+    nce_layers(cfg)
+    for field in ("num_patches", "nce_head"):
+        if getattr(cfg, field) < 1:
+            raise UserError(f"{flag(field)} must be at least 1, got {getattr(cfg, field)}")
+    if cfg.strategy != "default":
+        raise UserError(f"--model {cfg.model} trains on one device: --strategy {cfg.strategy} "
+                        "is not supported for it")
 
 
 # --- Help text: `main.py train --help` and docs/flags.md's table ------------

@@ -16,7 +16,6 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
-import config
 import machine
 import models
 import train_utils
@@ -229,6 +228,21 @@ class CycleGAN:
         """Discriminator output shape (no batch axis): the shape of its labels."""
         return tuple(self.d_a.output.shape[1:])
 
+    def sample_rows(self, batch_a, batch_b):
+        """The sample grid's rows: A, G_AB(A), G_BA(G_AB(A)) and B, G_BA(B), G_AB(G_BA(B))."""
+        fake_b, fake_a = self.translate(batch_a, batch_b)
+        rec_a, rec_b = self.translate(fake_a, fake_b)[::-1]
+        rows = []
+        # The two domains may offer different numbers of sample images.
+        for i in range(max(len(batch_a), len(batch_b))):
+            if i < len(batch_a):
+                rows.append(((batch_a[i], "original A"), (fake_b[i], "generated B"),
+                             (rec_a[i], "reconstructed A")))
+            if i < len(batch_b):
+                rows.append(((batch_b[i], "original B"), (fake_a[i], "generated A"),
+                             (rec_b[i], "reconstructed B")))
+        return rows
+
     def passes(self):
         """(network, forward passes' worth of arithmetic) of one train_step, for the benchmark.
 
@@ -358,7 +372,3 @@ class CycleGAN:
                   for output, weight in zip(OUTPUTS, loss_weights(self.cfg))]
         return lines
 
-
-def summary(args):
-    """`main.py summary`: the networks' sizes, the discriminator's patch and the six losses."""
-    print("\n".join(CycleGAN(config.from_flags(args)).describe()))

@@ -98,7 +98,7 @@ def build_parser():
                                 "in bounded memory, with the same result; 0: whole")
     add_evaluate_flags(commands.add_parser("evaluate", help="score a trained run on the test split"))
     summary = commands.add_parser("summary", help="print the models' sizes and outputs")
-    add_config_flags(summary, ("preset", "image_size"))
+    add_config_flags(summary, ("preset", "image_size", "model"))
     add_study_flags(commands.add_parser(
         "study", help="compare settings by how much a short run beats doing nothing"))
     convert = commands.add_parser("convert", help="an official PyTorch CycleGAN .pth into a Keras .h5")
@@ -148,7 +148,7 @@ HANDLERS = {
     "train": "train.command",
     "translate": "translate.command",
     "evaluate": "metrics.evaluate",
-    "summary": "cyclegan.summary",
+    "summary": "cut.summary",
     "benchmark": "benchmark.command",
     "study": "study.command",
     "convert": "pretrained.convert_command",

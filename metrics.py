@@ -56,14 +56,17 @@ def ssim(x, y):
 def batch_scores(x, forward, backward, domain, truth=None):
     """Per-image scores of a [-1, 1] batch x of `domain`; paired-truth ones given `truth`.
 
-    forward maps x to the other domain, backward maps back into `domain`.
+    forward maps x to the other domain, backward (None for a model without one: CUT) maps
+    back into `domain`.
     """
     fake = forward(x, training=False)
     x01 = image_files.to_unit(x)
-    rec = image_files.to_unit(backward(fake, training=False))
-    same = image_files.to_unit(backward(x, training=False))
-    scores = {f"cycle_L1_{domain}": l1(rec, x01), f"cycle_PSNR_{domain}": psnr(rec, x01),
-              f"identity_L1_{domain}": l1(same, x01)}
+    scores = {}
+    if backward is not None:
+        rec = image_files.to_unit(backward(fake, training=False))
+        same = image_files.to_unit(backward(x, training=False))
+        scores = {f"cycle_L1_{domain}": l1(rec, x01), f"cycle_PSNR_{domain}": psnr(rec, x01),
+                  f"identity_L1_{domain}": l1(same, x01)}
     if truth is not None:
         fake01, truth01 = image_files.to_unit(fake), image_files.to_unit(truth)
         scores.update(truth_PSNR=psnr(fake01, truth01), baseline_PSNR=psnr(x01, truth01),
@@ -72,10 +75,15 @@ def batch_scores(x, forward, backward, domain, truth=None):
 
 
 def image_scores(g_ab, g_ba, batches_a, batches_b):
-    """Mean of every batch score over all images; batches yield (images, truth or None)."""
+    """Mean of every batch score over all images; batches yield (images, truth or None).
+
+    With g_ba None (CUT: no B -> A), only A -> B's scores: the paired truth's.
+    """
     per_image = defaultdict(list)
     for domain, forward, backward, batches in (("A", g_ab, g_ba, batches_a),
                                                ("B", g_ba, g_ab, batches_b)):
+        if forward is None:
+            continue
         for x, truth in batches:
             for name, values in batch_scores(x, forward, backward, domain, truth).items():
                 per_image[name].append(values)
@@ -216,12 +224,15 @@ def features(model, batches):
 
 
 def distribution_scores(model, g_ab, g_ba, files_a, files_b, size):
-    """FID and KID between translated and real images of each target domain."""
+    """FID and KID between translated and real images of each target domain (of B only where
+    g_ba is None)."""
     if min(len(files_a), len(files_b)) < 2:
         raise FeaturesUnavailable("FID/KID need at least 2 test images per domain")
     scores = {}
     for domain, real_files, generator, source_files in (("B", files_b, g_ab, files_a),
                                                         ("A", files_a, g_ba, files_b)):
+        if generator is None:
+            continue
         real = features(model, (x for x, _ in file_batches(real_files, size)))
         fake = features(model, (generator(x, training=False) for x, _ in file_batches(source_files, size)))
         scores[f"FID_{domain}"] = fid(fake, real)
@@ -245,7 +256,8 @@ def truth_verdict(scores):
 
 
 def evaluation_target(args):
-    """(run folder, generator paths, dataset, image size, whether the folder is a training run)."""
+    """(run folder, generator paths (G_AB and G_BA, or G_AB alone for a CUT run), dataset,
+    image size, whether the folder is a training run)."""
     if args.generators:
         if not args.data:
             raise UserError("--generators needs --data")
@@ -256,7 +268,7 @@ def evaluation_target(args):
         raise UserError("evaluate needs --name NAME (a training run) or --generators A2B B2A --data D")
     folder = RunFolder(args.results_dir or config.Config.results_dir, config.Config.log_dir, args.name)
     cfg = config.from_flags(args, **folder.saved_settings())  # the run's, but for the flags given
-    generators = [folder.model("g_ab"), folder.model("g_ba")]
+    generators = [folder.model("g_ab")] + ([folder.model("g_ba")] if cfg.model == "cyclegan" else [])
     missing = [path for path in generators if not path.is_file()]
     if missing:
         raise UserError(f"run {args.name!r} has saved no models yet ({missing[0]} is missing); "
@@ -280,8 +292,10 @@ def evaluate(args):
     """`main.py evaluate`: score a run's (or two saved) generators on a test split."""
     import models
     folder, generators, dataset, size, is_run = evaluation_target(args)
-    g_ab, g_ba = (models.load_generator(path, "--generators" if args.generators else "--generator")
-                  for path in generators)
+    g_ab, g_ba = [models.load_generator(path, "--generators" if args.generators else "--generator")
+                  for path in generators] + [None] * (2 - len(generators))
+    if g_ba is None:
+        print("This run has no B -> A generator (CUT translates A -> B only): scores of A -> B only")
     root = data.resolve_dataset(dataset)
     folder.check_apart_from([root])
     files_a, files_b = (data.domain_files(root, "test", d) for d in "AB")

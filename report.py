@@ -200,20 +200,11 @@ def save_loss_curves(history, path, panels):
 
 
 def save_sample_grid(gan, batch_a, batch_b, path, title):
-    """Rows: A, G_AB(A), G_BA(G_AB(A)) and B, G_BA(B), G_AB(G_BA(B)) per sample."""
-    fake_b, fake_a = gan.translate(batch_a, batch_b)
-    rec_a, rec_b = gan.translate(fake_a, fake_b)[::-1]
-    rows = []
-    # The two domains may offer different numbers of sample images.
-    for i in range(max(len(batch_a), len(batch_b))):
-        if i < len(batch_a):
-            rows.append(((batch_a[i], "original A"), (fake_b[i], "generated B"),
-                         (rec_a[i], "reconstructed A")))
-        if i < len(batch_b):
-            rows.append(((batch_b[i], "original B"), (fake_a[i], "generated A"),
-                         (rec_b[i], "reconstructed B")))
-    fig, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.6 * len(rows)), squeeze=False,
-                             layout="constrained")
+    """The rows of (image, label) that the model draws for the sample batches (gan.sample_rows)."""
+    rows = gan.sample_rows(batch_a, batch_b)
+    columns = len(rows[0])
+    fig, axes = plt.subplots(len(rows), columns, figsize=(2.5 * columns, 2.6 * len(rows)),
+                             squeeze=False, layout="constrained")
     for ax_row, row in zip(axes, rows):
         for ax, (image, label) in zip(ax_row, row):
             ax.imshow(image_files.to_unit(image))

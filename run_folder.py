@@ -28,7 +28,7 @@ from config import UserError
 from fileio import FileLock, atomic_path, atomic_write, cannot_write, remove, write_cause
 
 MODEL_FILES = {"g_ab": "generatorAToB.h5", "g_ba": "generatorBToA.h5",
-               "d_a": "discriminatorA.h5", "d_b": "discriminatorB.h5"}
+               "d_a": "discriminatorA.h5", "d_b": "discriminatorB.h5", "f": "patchHeadF.h5"}
 # In results/NAME and logs/NAME of every run this program made: only such folders are emptied.
 RUN_MARK = ".cyclegan-run"
 # What TensorBoard's writer puts in logs/NAME: event files, and the plugins/ folder of some summaries.
@@ -60,7 +60,7 @@ class RunFolder:
         return cls(cfg.results_dir, cfg.log_dir, cfg.name)
 
     def model(self, network):
-        """The .h5 of one network: g_ab, g_ba, d_a or d_b."""
+        """The .h5 of one network: g_ab, g_ba, d_a, d_b or (CUT's head) f."""
         return self.models / MODEL_FILES[network]
 
     def sample(self, epoch):
@@ -234,8 +234,9 @@ class RunFolder:
         """The model's networks as .h5 files in models/ (gan.save_networks)."""
         gan.save_networks(self.model)
 
-    def has_models(self):
-        return all(self.model(network).is_file() for network in MODEL_FILES)
+    def has_models(self, networks):
+        """Whether the .h5 of each of `networks` (the model's NETWORKS) is there."""
+        return all(self.model(network).is_file() for network in networks)
 
 
 class LossHistory:

@@ -12,7 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import config
-import cyclegan
+import cut
 import data
 import machine
 import metrics
@@ -119,7 +119,7 @@ class Run:
     cfg: config.Config
     folder: RunFolder
     strategy: object
-    gan: cyclegan.CycleGAN
+    gan: object             # cyclegan.CycleGAN or cut.CUT (cut.model_class)
     batches: object
     checkpoint: RunCheckpoint
     steps: int                # per epoch
@@ -138,7 +138,7 @@ def run_training(cfg, strategy, files_a, files_b, fixed, folder, resume):
     """Set up, restore, and run the epochs of a run whose folder this process holds."""
     run, step = set_up(cfg, strategy, files_a, files_b, fixed, folder, resume)
     if resume and step >= run.steps * cfg.total_epochs:
-        if run.chief and not folder.has_models():
+        if run.chief and not folder.has_models(run.gan.NETWORKS):
             folder.save_models(run.gan)
         print(f"Run {cfg.name} already finished ({step} steps); nothing to do.")
         return
@@ -161,7 +161,7 @@ def set_up(cfg, strategy, files_a, files_b, fixed, folder, resume):
     `fixed`: (samples, probe) of fixed_images.
     """
     with train_utils.out_of_memory_as_user_error(cfg):
-        gan = cyclegan.CycleGAN.fresh(cfg, strategy)
+        gan = cut.model_class(cfg).fresh(cfg, strategy)
     replicas = strategy.num_replicas_in_sync
     batches = iter(data.train_dataset(files_a, files_b, cfg, replicas))
     with strategy.scope():
@@ -243,7 +243,7 @@ def write_epoch_outputs(run, epoch, step, mean_losses):
 def kept(run):
     """What a run stopped by an error keeps to resume from or use, as the end of its last line."""
     checkpoint = run.checkpoint.manager.latest_checkpoint is not None
-    models = run.folder.has_models()
+    models = run.folder.has_models(run.gan.NETWORKS)
     if checkpoint and models:
         return "the last checkpoint and saved models are kept"
     if checkpoint:

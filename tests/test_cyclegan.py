@@ -80,7 +80,7 @@ def test_bfloat16_learns_as_float32_and_saves_float32_models_that_load_in_plain_
     assert bf16[-1] == pytest.approx(f32[-1], rel=0.1)  # measured: 0.895 and 0.890
     folder = RunFolder(tmp_path, tmp_path, "run")
     folder.save_models(gan)
-    for name in MODEL_FILES:
+    for name in gan.NETWORKS:
         reloaded = keras.models.load_model(folder.model(name), compile=False)
         assert {layer.dtype_policy.name for layer in reloaded.layers} == {"float32"}
         assert {w.dtype for w in reloaded.weights} == {"float32"}
