@@ -179,6 +179,14 @@ class CUT:
     def patch_shape(self):
         return tuple(self.d_b.output.shape[1:])
 
+    @staticmethod
+    def memory_needed(cfg):
+        """cyclegan.training_memory of a CUT step: G on A (and on B for the identity term), the
+        encoder again on G(A) (and G(B)), D on G(A); one generator and one discriminator."""
+        images = 2 if cfg.nce_idt and cfg.lambda_nce > 0 else 1
+        return cyclegan.training_memory(cfg, 1, 1, generator_passes=2 * images,
+                                        discriminator_passes=1)
+
     def passes(self):
         """(network, forward passes' worth of arithmetic) of one train_step, for the benchmark.
 

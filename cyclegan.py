@@ -64,27 +64,25 @@ def learning_rate(epoch, cfg):
     return cfg.lr * max(0.0, 1.0 - (epoch - cfg.epochs + 1) / (cfg.decay_epochs + 1))
 
 
-# A generator update's passes per image pair: G_AB(A), G_BA(B), the two cycles and the two
-# identity maps through the generators, the two fakes through the discriminators.
-GENERATOR_PASSES, DISCRIMINATOR_PASSES = 6, 2
-# Copies of those passes' activations a step holds at its peak (kept for the backward pass,
-# and gradients), and what a run holds besides its tensors (compiled steps, the input
-# pipeline, thread pools): fitted to measured peaks (docs/benchmarks.md#training-memory-on-a-cpu).
+# Copies of a step's activations held at its peak (kept for the backward pass, and
+# gradients), and what a run holds besides its tensors (compiled steps, the input pipeline,
+# thread pools): fitted to measured peaks (docs/benchmarks.md#training-memory-on-a-cpu).
 STEP_COPIES = 1.5
 RUNTIME_BYTES = 400 * 2 ** 20
 # A float32 weight in training: itself, its gradient and Adam's two moments.
 BYTES_PER_WEIGHT = 16
 
 
-def training_memory(cfg):
-    """Bytes a training run of `cfg` adds at its peak step, about: activations, weights,
-    optimizer states, the image pools and the runtime."""
+def training_memory(cfg, generators, discriminators, generator_passes, discriminator_passes):
+    """Bytes a training run of `cfg` adds at its peak step, about: the activations of the passes
+    per image pair a generator update makes, the weights of its networks with their optimizer
+    states, the image pools and the runtime."""
     with machine.dtype_policy(cfg.precision):
         g, d = models.build_generator(cfg, "g"), models.build_discriminator(cfg, "d")
     shape = (cfg.batch_size, cfg.image_size, cfg.image_size, 3)
-    activations = (GENERATOR_PASSES * sum(machine.layer_output_bytes(g, shape))
-                   + DISCRIMINATOR_PASSES * sum(machine.layer_output_bytes(d, shape)))
-    weights = 2 * (g.count_params() + d.count_params()) * BYTES_PER_WEIGHT
+    activations = (generator_passes * sum(machine.layer_output_bytes(g, shape))
+                   + discriminator_passes * sum(machine.layer_output_bytes(d, shape)))
+    weights = (generators * g.count_params() + discriminators * d.count_params()) * BYTES_PER_WEIGHT
     pools = 2 * cfg.pool_size * cfg.image_size ** 2 * 3 * 4
     return RUNTIME_BYTES + STEP_COPIES * activations + weights + pools
 
@@ -242,6 +240,12 @@ class CycleGAN:
                 rows.append(((batch_b[i], "original B"), (fake_a[i], "generated A"),
                              (rec_b[i], "reconstructed B")))
         return rows
+
+    @staticmethod
+    def memory_needed(cfg):
+        """training_memory of a CycleGAN step: G_AB(A), G_BA(B), the two cycles and the two
+        identity maps through the generators, the two fakes through the discriminators."""
+        return training_memory(cfg, 2, 2, generator_passes=6, discriminator_passes=2)
 
     def passes(self):
         """(network, forward passes' worth of arithmetic) of one train_step, for the benchmark.

@@ -98,7 +98,7 @@ def train(cfg, resume=False, overwrite=False):
     cfg = dataclasses.replace(cfg, precision=precision)  # config.json records the choice
     print(f"Precision: {precision} ({why})")
     # Before anything is written or fetched.
-    train_utils.check_training_memory(cfg, cyclegan.training_memory(cfg))
+    train_utils.check_training_memory(cfg, cut.model_class(cfg).memory_needed(cfg))
     if cfg.data == "demo":
         print("Training on the built-in demo data (pass --data NAME or --data PATH for your own).")
     root = data.resolve_dataset(cfg.data)

@@ -6,7 +6,7 @@ import keras
 import cyclegan
 import models
 from config import make_config
-from run_folder import MODEL_FILES, RunFolder
+from run_folder import RunFolder
 
 
 def weights(model):

@@ -140,6 +140,6 @@ def test_a_run_too_big_for_free_memory_on_a_cpu_is_refused_before_anything_is_wr
     assert "--image-size 256 and --batch-size 4 needs about" in err and "1.0 GiB of free" in err
     assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()
     small = make_config(image_size=32, precision="float32")
-    assert cyclegan.training_memory(small) < 2 ** 30 < cyclegan.training_memory(
-        make_config(image_size=256, batch_size=4, precision="float32"))
-    train_utils.check_training_memory(small, cyclegan.training_memory(small))  # fits: no error
+    need = cyclegan.CycleGAN.memory_needed
+    assert need(small) < 2 ** 30 < need(make_config(image_size=256, batch_size=4, precision="float32"))
+    train_utils.check_training_memory(small, need(small))  # fits: no error
