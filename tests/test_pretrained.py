@@ -24,6 +24,7 @@ from conftest import ENV, ROOT, one_line_error, serve_folder
 
 import main
 import pretrained
+import pth_reader
 
 FIXTURES = Path(__file__).parent / "fixtures" / "official"
 NETWORKS = ("resnet_2blocks_ngf8", "resnet_6blocks_ngf4", "resnet_9blocks_ngf4", "patch70_ndf8")
@@ -32,7 +33,7 @@ LAYOUTS = {"resnet_2blocks_ngf8": ("generator", 8, 2), "resnet_6blocks_ngf4": ("
 
 
 def assert_matches_pytorch(pth, npz, image_size):
-    state = pretrained.read_pth(pth)
+    state = pth_reader.read_pth(pth)
     model = pretrained.convert_state_dict(state, image_size)
     reference = np.load(npz)
     out = np.asarray(model(reference["input"], training=False))
@@ -63,9 +64,9 @@ def test_full_size_official_generator_matches_pytorch(fmt):
 def test_pre_0_4_instance_norm_buffers_are_dropped():
     raw = (FIXTURES / "resnet_9blocks_ngf4.legacy.pth").read_bytes()
     assert b"running_mean" in raw and b"num_batches_tracked" in raw
-    state = pretrained.read_pth(FIXTURES / "resnet_9blocks_ngf4.legacy.pth")
-    assert not [k for k in state if k.endswith(pretrained.STALE_NORM_BUFFERS)]
-    assert set(state) == set(pretrained.read_pth(FIXTURES / "resnet_9blocks_ngf4.zip.pth"))
+    state = pth_reader.read_pth(FIXTURES / "resnet_9blocks_ngf4.legacy.pth")
+    assert not [k for k in state if k.endswith(pth_reader.STALE_NORM_BUFFERS)]
+    assert set(state) == set(pth_reader.read_pth(FIXTURES / "resnet_9blocks_ngf4.zip.pth"))
 
 
 class RunsCommand:
@@ -86,36 +87,36 @@ def test_a_pickle_that_runs_code_is_refused_without_running_it(tmp_path, fmt):
             archive.writestr("hostile/data.pkl", payload)
     else:
         path.write_bytes(payload)
-    with pytest.raises(pretrained.CheckpointError, match=r"refusing posix\.system|refusing os\.system"):
-        pretrained.read_pth(path)
+    with pytest.raises(pth_reader.CheckpointError, match=r"refusing posix\.system|refusing os\.system"):
+        pth_reader.read_pth(path)
     assert not marker.exists()
 
 
 def test_a_tensor_cannot_point_outside_its_data():
     storage = np.arange(6, dtype=np.float32)
-    np.testing.assert_array_equal(pretrained.rebuild_tensor(storage, 1, (2, 2), (3, 1)), [[1, 2], [4, 5]])
+    np.testing.assert_array_equal(pth_reader.rebuild_tensor(storage, 1, (2, 2), (3, 1)), [[1, 2], [4, 5]])
     for offset, size, stride in ((3, (2, 2), (3, 1)), (0, (7,), (1,)), (0, (2,), (-1,))):
-        with pytest.raises(pretrained.CheckpointError):
-            pretrained.rebuild_tensor(storage, offset, size, stride)
-    with pytest.raises(pretrained.CheckpointError, match="malformed"):  # a view is no storage
-        pretrained.rebuild_tensor(storage.reshape(2, 3), 0, (2,), (1,))
+        with pytest.raises(pth_reader.CheckpointError):
+            pth_reader.rebuild_tensor(storage, offset, size, stride)
+    with pytest.raises(pth_reader.CheckpointError, match="malformed"):  # a view is no storage
+        pth_reader.rebuild_tensor(storage.reshape(2, 3), 0, (2,), (1,))
 
 
 def test_wrong_layouts_name_what_was_expected():
-    state = pretrained.read_pth(FIXTURES / "resnet_2blocks_ngf8.zip.pth")
+    state = pth_reader.read_pth(FIXTURES / "resnet_2blocks_ngf8.zip.pth")
     missing = {k: v for k, v in state.items() if k != "model.10.conv_block.5.weight"}
-    with pytest.raises(pretrained.CheckpointError, match="ResnetGenerator.*model.10.conv_block.5.weight is missing"):
+    with pytest.raises(pth_reader.CheckpointError, match="ResnetGenerator.*model.10.conv_block.5.weight is missing"):
         pretrained.convert_state_dict(missing)
     dropout = {k.replace("conv_block.5", "conv_block.6"): v for k, v in state.items()}
-    with pytest.raises(pretrained.CheckpointError, match="no dropout"):
+    with pytest.raises(pth_reader.CheckpointError, match="no dropout"):
         pretrained.convert_state_dict(dropout)
     wrong_shape = {**state, "model.4.weight": np.zeros((16, 8, 4, 4), np.float32)}
-    with pytest.raises(pretrained.CheckpointError, match=r"model.4.weight has shape \(16, 8, 4, 4\)"):
+    with pytest.raises(pth_reader.CheckpointError, match=r"model.4.weight has shape \(16, 8, 4, 4\)"):
         pretrained.convert_state_dict(wrong_shape)
-    with pytest.raises(pretrained.CheckpointError, match="expected an official CycleGAN"):
+    with pytest.raises(pth_reader.CheckpointError, match="expected an official CycleGAN"):
         pretrained.convert_state_dict({"fc.weight": np.zeros((2, 2), np.float32)})
     no_blocks = {k: v for k, v in state.items() if not pretrained.BLOCK_KEY.match(k)}
-    with pytest.raises(pretrained.CheckpointError, match="with residual blocks, found none"):
+    with pytest.raises(pth_reader.CheckpointError, match="with residual blocks, found none"):
         pretrained.convert_state_dict(no_blocks)
 
 
@@ -253,10 +254,10 @@ def test_a_tensor_claiming_more_than_the_file_holds_is_a_one_line_error(tmp_path
     err = one_line_error(["convert", "--pth", bomb, "--output", tmp_path / "g.h5"], capsys)
     assert "claim more bytes than the file has" in err and "bomb.pth" in err
     many = zip_pth(tmp_path / "many.pth", {f"t{i}": ((256,), (1,)) for i in range(50)}, 1024)
-    with pytest.raises(pretrained.CheckpointError, match="claim more bytes"):  # one storage, shared
-        pretrained.read_pth(many)
+    with pytest.raises(pth_reader.CheckpointError, match="claim more bytes"):  # one storage, shared
+        pth_reader.read_pth(many)
     fine = zip_pth(tmp_path / "fine.pth", {"a": ((2, 128), (128, 1))}, 1024)
-    assert pretrained.read_pth(fine)["a"].shape == (2, 128)
+    assert pth_reader.read_pth(fine)["a"].shape == (2, 128)
     assert not (tmp_path / "g.h5").exists()
 
 
@@ -288,7 +289,7 @@ def deep_legacy_pth(path, depth):
     """A legacy .pth whose state dict's one key is a tuple nested `depth` deep (a few bytes a
     level), which CPython's unpickler builds and then hashes by recursion, past the C stack."""
     head = b"".join(pickle.dumps(value, protocol=2) for value in
-                    (pretrained.LEGACY_MAGIC, pretrained.LEGACY_PROTOCOL, {"little_endian": True}))
+                    (pth_reader.LEGACY_MAGIC, pth_reader.LEGACY_PROTOCOL, {"little_endian": True}))
     # PROTO 2, {}, (), then TUPLE1 `depth` times, None, SETITEM, STOP; no storage keys.
     path.write_bytes(head + b"\x80\x02})" + b"\x85" * depth + b"Ns." + pickle.dumps([], protocol=2))
     return path
@@ -303,13 +304,13 @@ def test_a_pth_whose_data_inflates_past_the_file_is_refused_in_bounded_memory(tm
     assert "hides.pth is not a readable PyTorch checkpoint" in one_line_error(
         ["convert", "--pth", hides, "--output", tmp_path / "g.h5"], capsys)
     # Neither is inflated whole: reading them fits in 600 MB more address space.
-    code = ("import resource, sys; sys.path.insert(0, sys.argv[1]); import pretrained;"
+    code = ("import resource, sys; sys.path.insert(0, sys.argv[1]); import pth_reader;"
             # 600 MB beyond what the process holds once its modules are imported.
             "mapped = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
             "resource.setrlimit(resource.RLIMIT_AS, (mapped + 600 * 2 ** 20, resource.RLIM_INFINITY))\n"
             "for path in sys.argv[2:]:\n"
-            "    try: pretrained.read_pth(path)\n"
-            "    except pretrained.CheckpointError as error: print(error)")
+            "    try: pth_reader.read_pth(path)\n"
+            "    except pth_reader.CheckpointError as error: print(error)")
     result = subprocess.run([sys.executable, "-c", code, str(ROOT), str(declares), str(hides)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and len(result.stdout.splitlines()) == 2, result.stderr
@@ -326,12 +327,12 @@ def test_a_pth_nesting_a_tuple_200000_deep_is_refused_not_a_crash(tmp_path):
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert "nests objects more than" in result.stderr
     shallow = deep_legacy_pth(tmp_path / "shallow.pth", 3)  # the scan refuses depth, not tuples
-    with pytest.raises(pretrained.CheckpointError, match="holds no state dict of tensors"):
-        pretrained.read_pth(shallow)
+    with pytest.raises(pth_reader.CheckpointError, match="holds no state dict of tensors"):
+        pth_reader.read_pth(shallow)
 
 
 def test_a_pickle_memo_index_past_its_length_is_refused_before_unpickling():
     """CPython's unpickler would allocate a memo table as long as the index (16 GiB here)."""
     hostile = io.BytesIO(b"\x80\x02N" + b"r" + struct.pack("<I", 2 ** 31) + b".")
-    with pytest.raises(pretrained.CheckpointError, match="memo index"):
-        pretrained.unpickle(hostile)
+    with pytest.raises(pth_reader.CheckpointError, match="memo index"):
+        pth_reader.unpickle(hostile)
