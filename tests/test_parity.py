@@ -35,19 +35,21 @@ def record():
     return json.loads((FIXTURE / "record.json").read_text())
 
 
-def as_official(losses, cfg):
-    """Our step's losses under the official names and weights.
+def as_official(losses, options):
+    """Our step's losses under the official names, weighted by the official `options`.
 
-    Keras reports each output's loss unweighted; the official losses carry
-    their weights (cycle: lambda_A = 10; identity: lambda_identity 0.5 x
-    lambda_B = 5, which is our absolute --lambda-identity).
+    Keras reports each output's loss unweighted, the official code each
+    term times its weight (cycle: lambda_A or lambda_B; identity:
+    lambda_identity times lambda_B or lambda_A). Our weights enter only the
+    total, G, so that it checks them.
     """
+    identity = options["lambda_identity"]
     return {"G_A": losses["adv_B"], "G_B": losses["adv_A"],
-            "cycle_A": cfg.lambda_cycle * losses["cycle_A"],
-            "cycle_B": cfg.lambda_cycle * losses["cycle_B"],
+            "cycle_A": options["lambda_A"] * losses["cycle_A"],
+            "cycle_B": options["lambda_B"] * losses["cycle_B"],
             # The official idt_A is G_A(B) against B: our identity_B.
-            "idt_A": cfg.lambda_identity * losses["identity_B"],
-            "idt_B": cfg.lambda_identity * losses["identity_A"],
+            "idt_A": identity * options["lambda_B"] * losses["identity_B"],
+            "idt_B": identity * options["lambda_A"] * losses["identity_A"],
             "D_A": losses["D_B"], "D_B": losses["D_A"], "G": losses[tu.G_TOTAL]}
 
 
@@ -74,7 +76,7 @@ def train_from_official_start(precision="float32", **overrides):
     losses = []
     for step in range(rec["steps"]):
         real_a, real_b = (as_input(images[d][step:step + 1]) for d in "AB")
-        losses.append(as_official(tu.train_step(gan, real_a, real_b, pools, cfg), cfg))
+        losses.append(as_official(tu.train_step(gan, real_a, real_b, pools, cfg), rec["options"]))
     return gan, losses, cfg
 
 
@@ -97,19 +99,34 @@ def test_the_fixture_is_what_the_paper_preset_promises():
     assert rec["steps"] < options["pool_size"]  # the pools return every new fake: no chance involved
 
 
+# Float32 rounds each operation to 6e-8 relative. A loss is a mean of
+# outputs of some twenty convolutions, each a sum of hundreds to thousands
+# of products that PyTorch and TensorFlow add in different orders, so the
+# same weights give losses about 1e-6 apart: 1e-5 relative is that with a
+# margin (the largest seen on the first step: 8e-7).
+SAME_WEIGHTS_RTOL = 1e-5
+# After the first update the weights differ by rounding too, which alone
+# keeps the losses within 1e-5 (3e-6 on the committed fixture). But ReLU,
+# LeakyReLU and L1 have a kink at 0, and every iteration's forward passes
+# come within about 1e-6 of one (the fixture's kink_margin): an input that
+# close may fall on either side in either framework, and where it does the
+# two gradients differ by that unit's whole share, a finite amount. The
+# steps then part by up to about 1e-2 of an Adam step and the next losses
+# by about 1e-4 (measured: 9e-5 on a 40 px, 7-step fixture after one such
+# flip); 1e-3 is that with a margin. Real differences are far beyond it:
+# an identity weight of 10 instead of 5 moves the first total loss by 3e-1,
+# beta_1 0.9 instead of 0.5 the later losses by 8e-3. Keras's own Adam moves
+# them by only 3e-4; the weights below are what tells it apart.
+LATER_RTOL = 1e-3
+
+
 def test_every_loss_of_every_step_equals_the_official_one(float32_run):
-    # Float32 rounds each operation to 6e-8 relative. A loss is a mean of
-    # outputs of some twenty convolutions, each a sum of hundreds to
-    # thousands of products that PyTorch and TensorFlow add in different
-    # orders, so the same weights give losses that agree to about 1e-6
-    # relative; after each step the weights differ by about 1e-8 (below),
-    # which moves the next losses by as little. 1e-5 relative is that with a
-    # margin (the largest seen on the committed fixture: 3e-6).
     _, losses, _ = float32_run
-    official = record()["losses"]
-    for name, values in official.items():
-        ours = [step[name] for step in losses]
-        np.testing.assert_allclose(ours, values, rtol=1e-5, atol=0, err_msg=name)
+    for name, values in record()["losses"].items():
+        ours = np.array([step[name] for step in losses])
+        np.testing.assert_allclose(ours[0], values[0], rtol=SAME_WEIGHTS_RTOL, atol=0,
+                                   err_msg=f"{name}, first step")
+        np.testing.assert_allclose(ours[1:], values[1:], rtol=LATER_RTOL, atol=0, err_msg=name)
 
 
 def normalised_away(model):
@@ -126,53 +143,60 @@ def normalised_away(model):
     return names
 
 
-def adam_bound(lr, steps):
-    """The most one element can move in `steps` Adam steps (beta_2 close to 1).
+def adam_bound(cfg, steps):
+    """The most Adam can move one element in `steps` steps, whatever the gradients.
 
-    At step t, |m_hat| <= sqrt(t * v_hat) (Cauchy-Schwarz over the t
-    gradients so far), so a step moves an element at most lr * sqrt(t).
+    Step t moves it by lr |m_hat| / (sqrt(v_hat) + eps), and m_hat and
+    v_hat are weighted sums of the t gradients so far, with weights w_i and
+    u_i; by Cauchy-Schwarz |m_hat| <= sqrt(sum w_i^2 / u_i) sqrt(v_hat).
     """
-    return lr * sum(np.sqrt(t) for t in range(1, steps + 1))
+    beta_2 = models.make_optimizer(cfg).beta_2
+    total = 0.0
+    for t in range(1, steps + 1):
+        age = np.arange(t)[::-1]  # t - i
+        w = (1 - cfg.beta1) * cfg.beta1 ** age / (1 - cfg.beta1 ** t)
+        u = (1 - beta_2) * beta_2 ** age / (1 - beta_2 ** t)
+        total += cfg.lr * np.sqrt(np.sum(w ** 2 / u))
+    return total
 
 
 def test_the_four_networks_after_k_steps_equal_the_official_ones(float32_run):
-    """Element by element, each network's weights after K steps.
+    """Element by element, each network's weights after K steps, in units of lr * K
+    (an Adam step moves an element by about lr whatever its gradient's size).
 
-    Adam's step is lr * m_hat / (sqrt(v_hat) + eps): about lr for any
-    gradient well above eps, whatever its size, so gradients that agree to
-    1e-5 relative (the losses do) give steps that agree to about 1e-5 * lr.
-    TIGHT allows 1e-3 * lr per step, a hundred times that.
-
-    Two kinds of element have a gradient that float32 noise decides:
-    - the bias of a conv followed by an instance norm without offset (the
-      paper's every conv but the first and last of a discriminator and the
-      last of a generator): the norm subtracts it, its true gradient is 0,
-      and what both frameworks compute is rounding noise, which Adam scales
-      up to steps of about lr in directions of its own. Such a bias changes
-      nothing the network computes; it is only required to move no more
-      than Adam can move anything;
-    - an element whose gradient at some step is within noise of zero: its
-      step's size and sign are the noise's. At most one in a thousand
-      elements of a network may be such, again within Adam's bound.
+    - Every element within twice Adam's bound: the least any implementation
+      with the same lr and number of steps must meet; this is all that is
+      asked of the biases of convs followed by an instance norm without
+      offset (every conv but the first and last of a discriminator and the
+      last of a generator), whose true gradient is 0: the norm subtracts
+      them. What both frameworks compute for them is rounding noise, which
+      Adam scales up to steps of about lr in directions of its own; they
+      change nothing the networks compute.
+    - All other elements: 99 % within 1e-2 lr K. Where no kink flipped (see
+      LATER_RTOL) they agree to about 1e-5 lr K (the committed fixture: 99.9 %
+      within 2e-5, the largest 3e-3, an element whose gradient is within
+      noise of zero, so that its step is the noise's); one flip moves the
+      99 % quantile to about 5e-3 (the 40 px fixture). A near-zero gradient
+      is handled by the quantile and the bound: its element may take any
+      step Adam allows.
     """
     gan, _, cfg = float32_run
     steps = record()["steps"]
-    tight = 1e-3 * cfg.lr * steps
-    loose = 2 * adam_bound(cfg.lr, steps)
+    unit = cfg.lr * steps
     for official, ours in OURS.items():
         model = getattr(gan, ours)
         expected = pretrained.convert_state_dict(
             pretrained.read_pth(FIXTURE / f"final_net_{official}.pth"), cfg.image_size)
         free = normalised_away(model)
-        checked = outliers = 0
+        compared = []
         for weight, theirs in zip(model.weights, expected.weights, strict=True):
             difference = np.abs(np.asarray(weight) - np.asarray(theirs))
-            assert difference.max() <= loose, f"{official} {weight.path}: beyond any Adam step"
-            if weight.path in free:
-                continue
-            checked += difference.size
-            outliers += int(np.sum(difference > tight))
-        assert outliers <= 1e-3 * checked, f"{official}: {outliers} of {checked} elements differ"
+            assert difference.max() <= 2 * adam_bound(cfg, steps), \
+                f"{official} {weight.path}: beyond any Adam step"
+            if weight.path not in free:
+                compared.append(difference.ravel() / unit)
+        quantile = np.quantile(np.concatenate(compared), 0.99)
+        assert quantile <= 1e-2, f"{official}: 99 % of its weights within {quantile:.1e} lr K"
     # A generator's three encoder convs, residual convs and two transposed convs; a
     # discriminator's three middle convs.
     assert [len(normalised_away(getattr(gan, n))) for n in ("g_ab", "d_a")] == \

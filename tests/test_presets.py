@@ -3,11 +3,13 @@ import json
 import subprocess
 import sys
 
+import keras
 import pytest
 
 from conftest import ROOT, run_cli, tiny_data
 
 import config
+import cyclegan_layers
 import main
 import models
 
@@ -40,9 +42,22 @@ def test_paper_preset_trains_saves_and_reloads_with_one_import(tmp_path):
                                  capture_output=True, text=True)
     assert with_import.returncode == 0, with_import.stderr
     assert "(1, 200, 300, 3)" in with_import.stdout
+    # A discriminator is saved compiled, with PyTorch's Adam: the same one import.
+    disc = tmp_path / "results/p/models/discriminatorA.h5"
+    load = f"import keras; d = keras.models.load_model(r'{disc}'); print(type(d.optimizer).__name__)"
+    plain = subprocess.run([sys.executable, "-c", load], cwd=tmp_path, env=env,
+                           capture_output=True, text=True)
+    assert plain.returncode != 0 and "TorchAdam" in plain.stderr
+    with_import = subprocess.run([sys.executable, "-c", "import cyclegan_layers; " + load],
+                                 cwd=tmp_path, env={**env, "PYTHONPATH": str(ROOT)},
+                                 capture_output=True, text=True)
+    assert with_import.returncode == 0 and "TorchAdam" in with_import.stdout, with_import.stderr
 
 
-def test_paper_preset_steps_with_the_official_adam_epsilon():
-    # PyTorch's Adam adds 1e-8 to the root of the second moment, Keras's 1e-7.
-    assert models.make_optimizer(config.make_config("paper")).epsilon == pytest.approx(1e-8)
-    assert models.make_optimizer(config.make_config("book")).epsilon == pytest.approx(1e-7)
+def test_paper_preset_steps_with_pytorchs_adam_and_its_epsilon():
+    # PyTorch's Adam adds 1e-8 to the root of the bias-corrected second moment, Keras's 1e-7
+    # to the root of the raw one (tests/test_models.py checks the steps themselves).
+    paper = models.make_optimizer(config.make_config("paper"))
+    assert isinstance(paper, cyclegan_layers.TorchAdam) and paper.epsilon == pytest.approx(1e-8)
+    book = models.make_optimizer(config.make_config("book"))
+    assert type(book) is keras.optimizers.Adam and book.epsilon == pytest.approx(1e-7)
