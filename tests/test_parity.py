@@ -58,18 +58,24 @@ def as_input(images):
     return images.astype(np.float32) / np.float32(127.5) - np.float32(1)
 
 
-def train_from_official_start(precision="float32", **overrides):
-    """The paper preset's CycleGAN from the fixture's initial weights after its K steps."""
+def train_from_official_start(precision="float32", perturbation=0.0, **overrides):
+    """The paper preset's CycleGAN from the fixture's initial weights after its K steps.
+
+    `perturbation`: each initial weight times 1 + perturbation * N(0, 1) first.
+    """
     rec = record()
     cfg = make_config("paper", image_size=rec["image_size"], filters=rec["ngf"],
                       disc_filters=rec["ndf"], res_blocks=rec["blocks"], seed=rec["seed"],
                       precision=precision, **overrides)
     keras.utils.set_random_seed(cfg.seed)
     gan = models.build_cyclegan(cfg)
+    rng = np.random.default_rng(0)
     for official, ours in OURS.items():
         state = pretrained.read_pth(FIXTURE / f"initial_net_{official}.pth")
+        weights = pretrained.convert_state_dict(state, cfg.image_size).get_weights()
         getattr(gan, ours).set_weights(
-            pretrained.convert_state_dict(state, cfg.image_size).get_weights())
+            [(w * (1 + perturbation * rng.standard_normal(w.shape))).astype(np.float32)
+             for w in weights])
     pools = (tu.ImagePool(cfg.pool_size, cfg.seed), tu.ImagePool(cfg.pool_size, cfg.seed + 1))
     tu.set_learning_rate(gan, tu.learning_rate(0, cfg))
     images = np.load(FIXTURE / "images.npz")
@@ -83,6 +89,39 @@ def train_from_official_start(precision="float32", **overrides):
 @pytest.fixture(scope="module")
 def float32_run():
     return train_from_official_start("float32")
+
+
+@pytest.fixture(scope="module")
+def own_spread(float32_run):
+    """How far this training drifts from itself when its start moves by float32 rounding.
+
+    Training is sensitive: a weight whose gradient is within rounding noise
+    of zero takes its first Adam step (about +-lr) in the noise's direction,
+    and the networks' kinks (below) do the same to whole units; on larger
+    networks and later steps these part the runs further than any fixed
+    tolerance could foresee (on a 64 px, ngf 8 fixture: the fourth step's
+    losses 1e-3 apart, TensorFlow against itself as against PyTorch).
+    Starting weights times 1 + 1e-7 N(0, 1), about one float32 rounding,
+    give this training's own spread: the official run, whose arithmetic
+    differs from ours by such roundings, may be as far from ours as that.
+    Returns (per step, the largest relative loss difference) and
+    {network: the 99 % quantile of its weight differences, in lr K}.
+    """
+    gan, losses, cfg = float32_run
+    twin, twin_losses, _ = train_from_official_start("float32", perturbation=1e-7)
+    loss_spread = [max(abs(a[n] - b[n]) / abs(b[n]) for n in b) for a, b in zip(twin_losses, losses)]
+    weight_spread = {}
+    for ours in OURS.values():
+        free = normalised_away(getattr(gan, ours))
+        weight_spread[ours] = np.quantile(np.concatenate(
+            [np.abs(np.asarray(a) - np.asarray(b)).ravel()
+             for a, b in zip(getattr(gan, ours).weights, getattr(twin, ours).weights)
+             if a.path not in free]) / (cfg.lr * len(losses)), 0.99)
+    return loss_spread, weight_spread
+
+
+# The official run may be this many times as far from ours as our own spread.
+SPREAD_FACTOR = 10
 
 
 def test_the_fixture_is_what_the_paper_preset_promises():
@@ -113,20 +152,25 @@ SAME_WEIGHTS_RTOL = 1e-5
 # two gradients differ by that unit's whole share, a finite amount. The
 # steps then part by up to about 1e-2 of an Adam step and the next losses
 # by about 1e-4 (measured: 9e-5 on a 40 px, 7-step fixture after one such
-# flip); 1e-3 is that with a margin. Real differences are far beyond it:
-# an identity weight of 10 instead of 5 moves the first total loss by 3e-1,
-# beta_1 0.9 instead of 0.5 the later losses by 8e-3. Keras's own Adam moves
-# them by only 3e-4; the weights below are what tells it apart.
+# flip); 1e-3 is that with a margin, or SPREAD_FACTOR times our own spread
+# where that is wider (larger networks, later steps). Real differences are
+# far beyond it: an identity weight of 10 instead of 5 moves the first total
+# loss by 3e-1, beta_1 0.9 instead of 0.5 the later losses by 8e-3. Keras's
+# own Adam moves them by only 3e-4; the weights below are what tells it apart.
 LATER_RTOL = 1e-3
 
 
-def test_every_loss_of_every_step_equals_the_official_one(float32_run):
+def test_every_loss_of_every_step_equals_the_official_one(float32_run, own_spread):
     _, losses, _ = float32_run
+    loss_spread, _ = own_spread
     for name, values in record()["losses"].items():
         ours = np.array([step[name] for step in losses])
         np.testing.assert_allclose(ours[0], values[0], rtol=SAME_WEIGHTS_RTOL, atol=0,
                                    err_msg=f"{name}, first step")
-        np.testing.assert_allclose(ours[1:], values[1:], rtol=LATER_RTOL, atol=0, err_msg=name)
+        for step in range(1, len(values)):
+            rtol = max(LATER_RTOL, SPREAD_FACTOR * loss_spread[step])
+            np.testing.assert_allclose(ours[step], values[step], rtol=rtol, atol=0,
+                                       err_msg=f"{name}, step {step + 1}")
 
 
 def normalised_away(model):
@@ -160,7 +204,7 @@ def adam_bound(cfg, steps):
     return total
 
 
-def test_the_four_networks_after_k_steps_equal_the_official_ones(float32_run):
+def test_the_four_networks_after_k_steps_equal_the_official_ones(float32_run, own_spread):
     """Element by element, each network's weights after K steps, in units of lr * K
     (an Adam step moves an element by about lr whatever its gradient's size).
 
@@ -181,6 +225,7 @@ def test_the_four_networks_after_k_steps_equal_the_official_ones(float32_run):
       step Adam allows.
     """
     gan, _, cfg = float32_run
+    _, weight_spread = own_spread
     steps = record()["steps"]
     unit = cfg.lr * steps
     for official, ours in OURS.items():
@@ -196,7 +241,9 @@ def test_the_four_networks_after_k_steps_equal_the_official_ones(float32_run):
             if weight.path not in free:
                 compared.append(difference.ravel() / unit)
         quantile = np.quantile(np.concatenate(compared), 0.99)
-        assert quantile <= 1e-2, f"{official}: 99 % of its weights within {quantile:.1e} lr K"
+        allowed = max(1e-2, SPREAD_FACTOR * weight_spread[ours])
+        assert quantile <= allowed, \
+            f"{official}: 99 % of its weights within {quantile:.1e} lr K, not {allowed:.1e}"
     # A generator's three encoder convs, residual convs and two transposed convs; a
     # discriminator's three middle convs.
     assert [len(normalised_away(getattr(gan, n))) for n in ("g_ab", "d_a")] == \
