@@ -83,10 +83,15 @@ class Config:
     lr: float = setting(2e-4, "Adam learning rate")
     beta1: float = setting(0.5, "Adam beta_1")
     adam_epsilon: float = setting(1e-7, "Adam epsilon; 1e-8 is PyTorch's, as in the official code")
+    adam: str = setting("keras", "keras: epsilon added to sqrt(v); torch: to the bias-corrected "
+                                 "sqrt(v / (1 - beta_2^t)), as PyTorch's Adam")
     batch_size: int = setting(1, "images per domain per step (per replica)")
     epochs: int = setting(200, "epochs at the constant learning rate (official --n_epochs)")
     decay_epochs: int = setting(0, "further epochs, the learning rate decaying linearly to 0 "
                                    "(official --n_epochs_decay)")
+    lr_schedule: str = setting("documented", "documented: the decay starts after --epochs; "
+                                             "official: as the official train.py applies it, one "
+                                             "epoch ahead, the last epoch at 0")
     steps_per_epoch: int = setting(0, "0: max(|A|, |B|) / batch size")
     pool_size: int = setting(0, "generated images kept per domain to train D on; 0: none")
     d_update: str = setting("split", "split: real, then fake; joint: one update, loss halved")
@@ -155,6 +160,8 @@ PAPER = Config(
     pool_size=50,
     d_update="joint",
     adam_epsilon=1e-8,
+    adam="torch",
+    lr_schedule="official",
 )
 
 # The book's design with the changes `python main.py study` found to beat
@@ -234,6 +241,8 @@ CHOICES = {
     "disc": ("book", "patch70"),
     "disc_activation": ("sigmoid", "linear"),
     "d_update": ("split", "joint"),
+    "adam": ("keras", "torch"),
+    "lr_schedule": ("documented", "official"),
     "strategy": ("default", "mirrored", "multiworker"),
     "precision": ("auto", "float32", "bfloat16", "float16"),
 }

@@ -58,10 +58,16 @@ def loss_weights(cfg):
 
 
 def learning_rate(epoch, cfg):
-    """Constant for cfg.epochs, then linear decay to zero over cfg.decay_epochs."""
-    if epoch < cfg.epochs:
-        return cfg.lr
-    return cfg.lr * max(0.0, 1.0 - (epoch - cfg.epochs + 1) / (cfg.decay_epochs + 1))
+    """The learning rate of the 0-based `epoch`: constant for cfg.epochs, then a linear decay
+    to zero over cfg.decay_epochs.
+
+    --lr-schedule official runs it one epoch ahead, as the official train.py
+    does: it calls update_learning_rate() at the start of each epoch, so
+    epoch e (1-based) trains at the rate get_scheduler's rule gives e, not
+    e - 1, and the last epoch trains at 0.
+    """
+    decayed = epoch + 1 - cfg.epochs + (cfg.lr_schedule == "official")
+    return cfg.lr * max(0.0, 1.0 - max(0, decayed) / (cfg.decay_epochs + 1))
 
 
 # Copies of a step's activations held at its peak (kept for the backward pass, and

@@ -16,7 +16,7 @@ from keras.src.legacy.saving import legacy_h5_format
 import machine
 from config import UserError
 from fileio import atomic_write
-from cyclegan_layers import ReflectionPadding2D
+from cyclegan_layers import ReflectionPadding2D, TorchAdam
 
 
 def kernel_init(cfg):
@@ -177,7 +177,8 @@ def receptive_field(model):
 
 def make_optimizer(cfg):
     # One per compiled model: Keras 3 refuses an optimizer shared by several.
-    return keras.optimizers.Adam(cfg.lr, beta_1=cfg.beta1, epsilon=cfg.adam_epsilon)
+    adam = TorchAdam if cfg.adam == "torch" else keras.optimizers.Adam
+    return adam(cfg.lr, beta_1=cfg.beta1, epsilon=cfg.adam_epsilon)
 
 
 def retyped(model, policy, output_policy=None):

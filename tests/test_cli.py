@@ -1,5 +1,4 @@
 """The command line as a user runs it: real processes, real files."""
-import dataclasses
 import json
 
 import numpy as np
@@ -354,19 +353,6 @@ def test_translate_skips_unreadable_images_by_name_and_keeps_exif_orientation(tr
     assert "Translated 2 image(s)" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["img_000.png", "portrait.jpg"]
     assert Image.open(tmp_path / "out" / "portrait.jpg").size == (32, 48)
-
-
-def test_a_run_saved_before_a_setting_existed_resumes_with_its_old_networks(tmp_path):
-    """An older paper run's config.json has no alignment: it was trained with Keras' padding."""
-    old = dataclasses.asdict(config.make_config("paper", name="old"))
-    for field in config.BEFORE_IT_WAS_SAVED:
-        del old[field]
-    (tmp_path / "results/old").mkdir(parents=True)
-    (tmp_path / "results/old/config.json").write_text(json.dumps(old))
-    given = {"name": "old", "results_dir": str(tmp_path / "results")}
-    assert train.resumed_config(given).alignment == "keras"
-    with pytest.raises(config.UserError, match="trained with --alignment keras, not torch"):
-        train.resumed_config({**given, "alignment": "torch"})
 
 
 def test_resume_accepts_the_runs_own_preset_and_refuses_another(trained_run, monkeypatch, capsys):

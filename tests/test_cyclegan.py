@@ -34,8 +34,31 @@ def test_image_pool_fills_then_swaps_about_half_the_time():
     assert all(s >= 100 for s in stored)  # the history has been refreshed
 
 
+def test_image_pool_once_full_returns_a_stored_fake_half_the_time_and_keeps_the_new_one_instead():
+    """The official pool's statistics (the sequence is random in both implementations)."""
+    size, queries = 50, 4000
+    pool = cyclegan.ImagePool(size, seed=1)
+    for i in range(size):
+        pool.query(np.full((1, 1, 1, 1), i, np.float32))
+    swaps, replaced = 0, set()
+    for i in range(size, size + queries):
+        before = [float(im[0, 0, 0]) for im in pool.images]
+        returned = float(pool.query(np.full((1, 1, 1, 1), i, np.float32))[0, 0, 0, 0])
+        after = [float(im[0, 0, 0]) for im in pool.images]
+        changed = [k for k in range(size) if before[k] != after[k]]
+        if returned == i:  # the new fake, the pool as it was
+            assert not changed
+        else:  # a stored fake, the new one in its slot
+            swaps += 1
+            assert changed == [before.index(returned)] and after[changed[0]] == i
+            replaced.add(changed[0])
+    # Five standard deviations of a binomial(4000, 0.5) share: 0.04.
+    assert abs(swaps / queries - 0.5) < 5 * np.sqrt(0.25 / queries)
+    assert len(replaced) == size  # every slot is drawn: (49/50)^2000 of missing one
+
+
 def test_learning_rate_constant_then_linear_decay_to_zero():
-    cfg = make_config("paper")
+    cfg = make_config("paper", lr_schedule="documented")
     assert cfg.total_epochs == 200
     rates = {e: cyclegan.learning_rate(e, cfg) for e in (0, 99, 100, 150, 199)}
     assert rates[0] == rates[99] == pytest.approx(2e-4)
@@ -43,6 +66,21 @@ def test_learning_rate_constant_then_linear_decay_to_zero():
     assert rates[150] == pytest.approx(2e-4 * 50 / 101)
     assert rates[199] == pytest.approx(2e-4 / 101)
     assert cyclegan.learning_rate(5, make_config("book", epochs=10)) == pytest.approx(2e-4)
+    # Without decay epochs, the documented schedule never trains an epoch at 0.
+    assert cyclegan.learning_rate(199, make_config("book")) == pytest.approx(2e-4)
+
+
+def test_official_learning_rate_schedule_runs_one_epoch_ahead():
+    """The paper preset's schedule: the official train.py's (tests/test_parity.py checks
+    every epoch against it); its last epoch trains at 0."""
+    cfg = make_config("paper")
+    assert cfg.lr_schedule == "official"
+    documented = make_config("paper", lr_schedule="documented")
+    for epoch in range(cfg.total_epochs - 1):
+        assert cyclegan.learning_rate(epoch, cfg) == pytest.approx(
+            cyclegan.learning_rate(epoch + 1, documented))
+    assert cyclegan.learning_rate(98, cfg) == 2e-4 > cyclegan.learning_rate(99, cfg)
+    assert cyclegan.learning_rate(cfg.total_epochs - 1, cfg) == 0
 
 
 @pytest.mark.parametrize("mode", ["joint", "split"])

@@ -6,6 +6,7 @@ import pytest
 import keras
 
 import config
+import cyclegan_layers
 from config import make_config
 import models
 
@@ -99,3 +100,57 @@ def test_a_saved_generator_that_holds_code_is_refused(tmp_path):
         models.load_generator(tmp_path / "lambda.h5")
 
 
+def pytorch_adam(gradients, lr, beta_1, beta_2, eps):
+    """torch.optim.Adam's documented algorithm in float64, from a weight of 0."""
+    m = v = theta = np.zeros_like(gradients[0], np.float64)
+    for t, g in enumerate(gradients, start=1):
+        m = beta_1 * m + (1 - beta_1) * g
+        v = beta_2 * v + (1 - beta_2) * g ** 2
+        theta = theta - lr * (m / (1 - beta_1 ** t)) / (np.sqrt(v / (1 - beta_2 ** t)) + eps)
+    return theta
+
+
+def test_adam_torch_steps_as_pytorchs_adam_and_keras_adam_does_not():
+    # Gradients from 1 down to far below epsilon, each a different sign and size at each step.
+    rng = np.random.default_rng(0)
+    scale = np.array([1.0, 1e-3, 1e-6, 3e-8, 1e-8, 3e-9, 1e-12, 0.0])
+    gradients = [(scale * rng.uniform(-1, 1, scale.size)).astype(np.float32) for _ in range(5)]
+    cfg = make_config("paper")
+    expected = pytorch_adam([g.astype(np.float64) for g in gradients], cfg.lr, cfg.beta1, 0.999, cfg.adam_epsilon)
+    results = {}
+    for adam in ("torch", "keras"):
+        optimizer = models.make_optimizer(dataclasses.replace(cfg, adam=adam))
+        weight = keras.Variable(np.zeros(scale.size, np.float32))
+        for g in gradients:
+            optimizer.apply_gradients([(g, weight)])
+        results[adam] = np.asarray(weight)
+    # Float32 steps: a momentum of gradients of alternating sign cancels, so 1e-4 relative.
+    np.testing.assert_allclose(results["torch"], expected.astype(np.float64), rtol=1e-4, atol=1e-12)
+    # Keras adds epsilon to sqrt(v), not to sqrt(v_hat): in PyTorch's terms an epsilon
+    # 1 / sqrt(1 - beta_2^t) times larger, 32 at the first step, so gradients near epsilon
+    # take far smaller steps.
+    near_epsilon = slice(3, 6)
+    assert np.all(1.5 * np.abs(results["keras"][near_epsilon]) < np.abs(expected[near_epsilon]))
+    assert isinstance(models.make_optimizer(cfg), cyclegan_layers.TorchAdam)
+    assert type(models.make_optimizer(make_config("book"))) is keras.optimizers.Adam
+
+
+def test_normal_init_draws_weights_from_n_0_0_02_and_zero_biases():
+    """The paper's initialisation on the generator's widest conv (3x3x256x256, 590k weights)."""
+    keras.utils.set_random_seed(0)
+    generator = models.build_generator(make_config("paper"))
+    widest = max((layer for layer in generator.layers if layer.weights),
+                 key=lambda layer: layer.kernel.shape.num_elements())
+    kernel = np.asarray(widest.kernel).ravel()
+    n = kernel.size
+    assert n == 3 * 3 * 256 * 256
+    # Five standard errors: of the mean 0.02 / sqrt(n), of the standard deviation 0.02 / sqrt(2n).
+    assert abs(kernel.mean()) < 5 * 0.02 / np.sqrt(n)
+    assert abs(kernel.std() - 0.02) < 5 * 0.02 / np.sqrt(2 * n)
+    # Normal, not uniform or truncated: 68.27 % within one sigma, 99.73 % within three.
+    for sigmas, share in ((1, 0.6827), (3, 0.9973)):
+        within = np.mean(np.abs(kernel) < sigmas * 0.02)
+        assert abs(within - share) < 5 * np.sqrt(share * (1 - share) / n)
+    for layer in generator.layers:
+        if getattr(layer, "bias", None) is not None:
+            assert not np.any(np.asarray(layer.bias)), layer.name
