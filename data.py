@@ -29,13 +29,14 @@ def resolve_dataset(data, datasets_dir="datasets"):
     return folder
 
 
-def domain_files(root, split, domain, limit=0):
-    """Usable images of one split/domain (e.g. train, A); warns about the rest."""
+def domain_files(root, split, domain, limit=0, remember=True):
+    """Usable images of one split/domain (e.g. train, A); warns about the rest; `remember`:
+    keep what the check found for the next start (image_files.usable_images)."""
     folder = Path(root) / f"{split}{domain}"
     files = image_files.list_images(folder)
     if limit:
         files = files[:limit]
-    files = image_files.usable_images(files, folder)
+    files = image_files.usable_images(files, folder, remember)
     if not files:
         raise config.DataError(f"no usable images in {folder}")
     return files

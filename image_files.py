@@ -190,7 +190,7 @@ def remember_decodes(folder, decodes):
         pass
 
 
-def usable_images(files, folder):
+def usable_images(files, folder, remember=True):
     """The files the pipeline can decode, as ImageFiles; one SkippedImagesWarning names the rest.
 
     The pipeline's own decoder (TensorFlow) reads each file whole here, so
@@ -198,7 +198,8 @@ def usable_images(files, folder):
     used; Pillow, the other decoder, reads headers, and the files TensorFlow
     cannot decode (decoded_copy). What TensorFlow's decoder found of a file
     is remembered (in CHECKED_DIR) until the file changes: a second start
-    of the same dataset decodes none of it again.
+    of the same dataset decodes none of it again (unless not `remember`:
+    a worker other than the chief writes nothing).
     """
     headers, skipped = [], {}  # headers: (ImageFile, file_key)
 
@@ -216,7 +217,7 @@ def usable_images(files, folder):
     found = tensorflow_decodes([image for image, _ in unchecked])
     decodes = {key: known[key] for _, key in headers if key in known}
     decodes.update((key, index in found) for index, (_, key) in enumerate(unchecked))
-    if decodes != known:
+    if remember and decodes != known:
         remember_decodes(folder, decodes)
     usable = []
     for image, key in headers:

@@ -68,17 +68,18 @@ def command(args):
     train(config_from_args(args), resume=args.resume, overwrite=args.overwrite)
 
 
-def sample_files(root, domain, train_files, count):
+def sample_files(root, domain, train_files, count, remember):
     """A few fixed test images (the run's train images when there is no test split)."""
     try:
-        return data.domain_files(root, "test", domain)[:count]
+        return data.domain_files(root, "test", domain, remember=remember)[:count]
     except config.DataError:
         return train_files[:count]
 
 
-def fixed_images(root, cfg, files_a, files_b):
+def fixed_images(root, cfg, files_a, files_b, remember):
     """The sample batches and the probe set (metrics.probe_set) every epoch draws and scores."""
-    fixed_a, fixed_b = (sample_files(root, d, files, max(SAMPLE_COUNT, metrics.PROBE_IMAGES))
+    fixed_a, fixed_b = (sample_files(root, d, files, max(SAMPLE_COUNT, metrics.PROBE_IMAGES),
+                                     remember)
                         for d, files in (("A", files_a), ("B", files_b)))
     samples = tuple(data.load_batch(f[:SAMPLE_COUNT], cfg.image_size) for f in (fixed_a, fixed_b))
     return samples, metrics.probe_set(fixed_a, fixed_b, cfg.image_size)
@@ -104,10 +105,10 @@ def train(cfg, resume=False, overwrite=False):
     root = data.resolve_dataset(cfg.data)
     folder = RunFolder.of(cfg)
     folder.check_apart_from([root])  # before reading a file: a clear line comes first
-    files_a = data.domain_files(root, "train", "A", cfg.limit)
-    files_b = data.domain_files(root, "train", "B", cfg.limit)
-    fixed = fixed_images(root, cfg, files_a, files_b)
-    chief = strategy.extended.should_checkpoint  # only the chief holds the run folder
+    chief = strategy.extended.should_checkpoint  # only the chief writes: its run folder, caches
+    files_a = data.domain_files(root, "train", "A", cfg.limit, remember=chief)
+    files_b = data.domain_files(root, "train", "B", cfg.limit, remember=chief)
+    fixed = fixed_images(root, cfg, files_a, files_b, chief)
     with folder.open([root], resume, overwrite) if chief else contextlib.nullcontext(), \
             machine.lost_workers_as_user_error():
         run_training(cfg, strategy, files_a, files_b, fixed, folder, resume)
