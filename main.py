@@ -11,7 +11,6 @@
     python main.py study                       # which settings beat doing nothing, soonest
 """
 import argparse
-import dataclasses
 import importlib
 import os
 import sys
@@ -20,31 +19,16 @@ import warnings
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import config  # noqa: E402
+import flags  # noqa: E402
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):
         raise config.UserError(message)
 
 
-def add_config_flags(parser, names=None):
-    """A flag per Config field (or per field in `names`): each flag declared once, with its
-    help beside the field, its check in config.validate, and a default of None so the
-    preset, the command (config.from_flags) or a saved run fills the gaps."""
-    for field in dataclasses.fields(config.Config):
-        if names is not None and field.name not in names:
-            continue
-        flag = config.flag(field.name)
-        text = config.flag_help(field).replace("%", "%%")
-        if field.type is bool or isinstance(field.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
-        else:
-            parser.add_argument(flag, type=type(field.default), default=None,
-                                choices=config.CHOICES.get(field.name), help=text)
-
-
 def add_evaluate_flags(parser):
     # --name, --data and --image-size: the run's, where one is scored.
-    add_config_flags(parser, ("name", "data", "image_size", "results_dir"))
+    flags.add_config_flags(parser, ("name", "data", "image_size", "results_dir"))
     parser.add_argument("--generators", nargs=2, metavar=("A2B", "B2A"),
                         help="score these saved generators instead of a run's")
     parser.add_argument("--no-fid", action="store_true", help="skip FID and KID")
@@ -55,9 +39,9 @@ def add_study_flags(parser):
     # Defaults live in study.py, imported only once TensorFlow is (quietly).
     parser.add_argument("--datasets", nargs="+",
                         help="datasets with a paired truth (default: photos painterly)")
-    parser.add_argument("--variants", nargs="+", help="variants to train (default: all; see docs/study.md)")
+    parser.add_argument("--variants", nargs="+", help="variants to train (default: the CycleGAN ones; CUT's by name: cut fastcut ...; see docs/study.md)")
     parser.add_argument("--steps", type=int, help="training steps per variant (default: 160)")
-    add_config_flags(parser, ("image_size", "seed", "precision"))  # image size: the demo data's
+    flags.add_config_flags(parser, ("image_size", "seed", "precision"))  # image size: the demo data's
 
 
 def build_parser():
@@ -65,11 +49,11 @@ def build_parser():
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command")
     train = commands.add_parser("train", help="train a CycleGAN (default)")
-    add_config_flags(train)
-    for name, text in config.RUN_FLAGS.items():
+    flags.add_config_flags(train)
+    for name, text in flags.RUN_FLAGS.items():
         train.add_argument(f"--{name}", action="store_true", help=text)
     bench = commands.add_parser("benchmark", help="time the training step and input pipeline")
-    add_config_flags(bench)
+    flags.add_config_flags(bench)
     bench.add_argument("--steps", type=int, default=10, help="timed training steps")
     bench.add_argument("--pipeline-images", type=int, default=200, help="image files per domain")
     bench.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -87,7 +71,7 @@ def build_parser():
                            help="folder for the translations (for one clip also a video file)")
     translate.add_argument("--overwrite", action="store_true",
                            help="replace translations already in --output")
-    add_config_flags(translate, ("precision",))
+    flags.add_config_flags(translate, ("precision",))
     translate.add_argument("--max-size", type=int, default=0, metavar="N",
                            help="scale images whose longer side exceeds N down to N first "
                                 "(the official --load_size); 0: translate at full size")
@@ -98,7 +82,7 @@ def build_parser():
                                 "in bounded memory, with the same result; 0: whole")
     add_evaluate_flags(commands.add_parser("evaluate", help="score a trained run on the test split"))
     summary = commands.add_parser("summary", help="print the models' sizes and outputs")
-    add_config_flags(summary, ("preset", "image_size", "model"))
+    flags.add_config_flags(summary, ("preset", "image_size", "model"))
     add_study_flags(commands.add_parser(
         "study", help="compare settings by how much a short run beats doing nothing"))
     convert = commands.add_parser("convert", help="an official PyTorch CycleGAN .pth into a Keras .h5")
@@ -106,7 +90,7 @@ def build_parser():
     source.add_argument("--pth", help="a ResnetGenerator or 70x70 NLayerDiscriminator state dict")
     source.add_argument("--pretrained", metavar="NAME", help="an official pretrained model's name")
     convert.add_argument("--output", required=True, help="the .h5 (or .keras) to write")
-    add_config_flags(convert, ("image_size",))  # the paper preset's: a discriminator's input
+    flags.add_config_flags(convert, ("image_size",))  # the paper preset's: a discriminator's input
     export = commands.add_parser("export", help="a saved generator as .keras, SavedModel, ONNX or LiteRT")
     export.add_argument("--generator", required=True, help="a saved generator .h5")
     export.add_argument("--format", required=True,

@@ -6,6 +6,7 @@ import re
 import pytest
 
 import config
+import flags
 import main
 from conftest import ROOT
 
@@ -17,7 +18,7 @@ def train_parser():
 
 def test_every_train_flag_has_help_text_with_its_defaults():
     helps = {a.dest: a.help for a in train_parser()._actions if a.dest != "help"}
-    assert set(helps) == {f.name for f in dataclasses.fields(config.Config)} | set(config.RUN_FLAGS)
+    assert set(helps) == {f.name for f in dataclasses.fields(config.Config)} | set(flags.RUN_FLAGS)
     assert all(helps.values())
     assert helps["lambda_identity"].endswith("(relative to --lambda_A) is 5 here (default 1; paper 5)")
     assert helps["image_size"].endswith("(default 128; paper 256; demo data 32)")
@@ -36,7 +37,7 @@ def test_flag_table_is_the_generated_one():
     page = (ROOT / "docs" / "flags.md").read_text()
     table = re.search(r"<!-- flags: .*? -->\n(.*?)\n<!-- end of flags -->", page, re.S)
     assert table, "docs/flags.md lacks the generated flag table"
-    assert table.group(1) == config.flags_markdown(), "regenerate it with: python config.py"
+    assert table.group(1) == flags.flags_markdown(), "regenerate it with: python flags.py"
 
 
 def test_a_run_name_fits_a_file_name_with_what_the_program_adds_to_it():
