@@ -9,9 +9,9 @@ import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
 
-import keras
 
 import config
+import report
 from fileio import waiting_lock
 
 
@@ -155,19 +155,20 @@ def fetch(url, path, max_bytes):
         announced = int(response.headers.get("Content-Length") or 0)
         if announced > max_bytes:
             raise config.DataError(f"it announces {announced} bytes, more than the {max_bytes} expected")
-        progress = keras.utils.Progbar(announced / 2 ** 20 or None, unit_name="MiB")
+        progress = report.CountProgress(announced / 2 ** 20, "MiB")
         done, window_start, window_done = 0, time.monotonic(), 0
         while chunk := response.read1(2 ** 16):
             done += len(chunk)
             if done > max_bytes:
                 raise config.DataError(f"it sends more than the {max_bytes} bytes expected")
             out.write(chunk)
-            progress.update(done / 2 ** 20)
+            progress.add(len(chunk) / 2 ** 20)
             now = time.monotonic()
             if now - window_start >= RATE_WINDOW_S:
                 if done - window_done < MIN_RATE * (now - window_start):
                     raise config.DataError(f"it sends less than {MIN_RATE} bytes a second")
                 window_start, window_done = now, done
+        progress.finish()
 
 
 def check_archive(path, name):

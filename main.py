@@ -39,7 +39,9 @@ def add_study_flags(parser):
     # Defaults live in study.py, imported only once TensorFlow is (quietly).
     parser.add_argument("--datasets", nargs="+",
                         help="datasets with a paired truth (default: photos painterly)")
-    parser.add_argument("--variants", nargs="+", help="variants to train (default: the CycleGAN ones; CUT's by name: cut fastcut ...; see docs/study.md)")
+    parser.add_argument("--variants", nargs="+",
+                        help="variants to train (default: the CycleGAN ones; CUT's by name, "
+                             "e.g. cut fastcut; see docs/study.md)")
     parser.add_argument("--steps", type=int, help="training steps per variant (default: 160)")
     flags.add_config_flags(parser, ("image_size", "seed", "precision"))  # image size: the demo data's
 

@@ -65,6 +65,45 @@ ESTIMATE_AFTER_STEPS = 10
 ESTIMATE_AFTER_S = 30
 
 
+# Off a terminal, a counting progress says where it is this often (and at its end).
+PLAIN_EVERY_S = 10
+
+
+class CountProgress:
+    """Counts `units` ("images", "MiB") done and their rate: a live bar on a terminal, plain
+    lines anywhere else (a file, a pipe), without carriage returns or escape codes."""
+
+    def __init__(self, total, units, out=None):
+        self.out = out or sys.stdout
+        self.live = hasattr(self.out, "isatty") and self.out.isatty()
+        self.total, self.units, self.rate = total or None, units, f"{units}/s"
+        if self.live:
+            self.bar = keras.utils.Progbar(self.total, unit_name=units, stateful_metrics=[self.rate])
+        self.start = self.told = time.perf_counter()
+        self.done = 0
+
+    def add(self, count):
+        self.done += count
+        now = time.perf_counter()
+        if self.live:
+            self.bar.update(self.done, [(self.rate, self.done / (now - self.start))])
+        elif now - self.told >= PLAIN_EVERY_S:
+            self.say(now)
+
+    def say(self, now):
+        self.told = now
+        of = f"/{self.total:g}" if self.total else ""
+        print(f"{self.done:g}{of} {self.units}, {self.done / max(now - self.start, 1e-9):.3g} "
+              f"{self.rate}", file=self.out, flush=True)
+
+    def finish(self):
+        """End the bar where it did not reach its total (skipped files, an uncounted clip)."""
+        if not self.live:
+            self.say(time.perf_counter())
+        elif self.done != self.bar.target:
+            self.bar.update(self.done, finalize=True)
+
+
 class RunProgress:
     """A run's progress: a live bar on a terminal, one plain line per epoch anywhere else
     (a file, a cluster's log), and at start and at each epoch how long the whole run takes.

@@ -10,11 +10,9 @@ the same way; their sound is not carried over.
 import collections
 import concurrent.futures
 import os
-import time
 import warnings
 from pathlib import Path
 
-import keras
 import numpy as np
 import tensorflow as tf
 
@@ -22,6 +20,7 @@ import config
 import image_files
 import machine
 import models
+import report
 from config import UserError
 from fileio import atomic_write, checked_output
 
@@ -206,24 +205,6 @@ def write_translation(target, image):
         raise UserError(f"cannot write {target}: {config.one_line(error)}") from None
 
 
-class Progress:
-    """keras.utils.Progbar counting UNITs, with their rate per second."""
-
-    def __init__(self, total, unit):
-        self.rate = f"{unit}s/s"
-        self.bar = keras.utils.Progbar(total or None, unit_name=unit, stateful_metrics=[self.rate])
-        self.start, self.done = time.perf_counter(), 0
-
-    def add(self, count):
-        self.done += count
-        self.bar.update(self.done, [(self.rate, self.done / (time.perf_counter() - self.start))])
-
-    def finish(self):
-        """End the bar where it did not reach its total (skipped files, an uncounted clip)."""
-        if self.done != self.bar.target:
-            self.bar.update(self.done, finalize=True)
-
-
 def image_batches(images, max_size, keep_size, tile):
     """[(indices into images, translated size, output size)]: images of one size together,
     up to BATCH_PIXELS a batch, or alone where tiles will translate them."""
@@ -279,7 +260,7 @@ def translate_images(translator, files, targets, max_size, keep_size):
             skipped.append(f"{image_files.file_name(path)} ({why})")
     targets = usable_targets
     batches = image_batches(images, max_size, keep_size, translator.tile)
-    progress = Progress(len(images), "image")
+    progress = report.CountProgress(len(images), "images")
     written = set()
     with Writers() as writers:
         for batch, indices, pixels in image_dataset(images, batches):
@@ -336,7 +317,7 @@ def translate_clip(translator, source, target, max_size, keep_size):
         batches = batches.batch(max(1, BATCH_PIXELS // (size[0] * size[1]))).prefetch(1)
         print(f"{image_files.file_name(source)}: {stream.frames or 'unknown number of'} frames at "
               f"{float(rate):g} frames/s, {original[1]}x{original[0]}")
-        progress = Progress(stream.frames, "frame")
+        progress = report.CountProgress(stream.frames, "frames")
         try:
             with atomic_write(target) as tmp:
                 encode(av, tmp, Path(target).suffix.lower(), rate, out_size,

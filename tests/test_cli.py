@@ -122,6 +122,9 @@ def test_translate_any_size_keeps_names(trained_run, tmp_path):
     result = run_cli("translate", "--generator", work / "results/tiny/models/generatorAToB.h5",
                      "--input", tmp_path / "in", "--output", tmp_path / "out", cwd=tmp_path)
     assert "Translated 2 image(s)" in result.stdout
+    # Redirected, its progress is plain lines: no carriage return, no escape code.
+    assert "2/2 images" in result.stdout
+    assert not any(c in result.stdout + result.stderr for c in "\r\x1b\b")
     assert Image.open(tmp_path / "out" / "photo.png").size == (300, 200)
     assert Image.open(tmp_path / "out" / "odd.jpg").size == (51, 37)
 

@@ -137,3 +137,17 @@ def test_progress_off_a_terminal_is_plain_lines_with_the_whole_runs_estimate(mon
 def test_durations_read_as_people_read_them():
     assert [report.duration(s) for s in (12, 245, 3 * 3600 + 1200, 2 * 86400 + 3 * 3600)] == [
         "12s", "4m 05s", "3h 20m", "2d 3h"]
+
+
+def test_a_count_off_a_terminal_is_plain_lines_at_most_every_few_seconds_and_at_its_end(monkeypatch):
+    import io
+    clock = iter([0.0, 1.0, report.PLAIN_EVERY_S + 1.0, report.PLAIN_EVERY_S + 2.0])
+    monkeypatch.setattr(report.time, "perf_counter", lambda: next(clock))
+    out = io.StringIO()
+    progress = report.CountProgress(3, "images", out)
+    progress.add(1)   # at 1 s: too soon for a line
+    progress.add(1)   # at 11 s
+    progress.finish()  # at 12 s, one short of its total
+    lines = out.getvalue().splitlines()
+    assert lines == ["2/3 images, 0.182 images/s", "2/3 images, 0.167 images/s"]
+    assert not any(c in out.getvalue() for c in "\r\x1b\b")
