@@ -18,9 +18,13 @@ sys.path.insert(0, str(ROOT))
 
 # Modules that each spend minutes in training subprocesses, slowest first.
 SLOW_MODULES = ("test_resume.py", "test_distribute.py", "test_cli.py", "test_notebook.py")
+# Module fixtures that train a run first (about a minute): every test using one is slow.
+SLOW_FIXTURES = ("trained_run", "cut_run", "float32_run")
 
 
 def pytest_configure(config):
+    # `-m "not slow"`: the quick subset, a few minutes (README).
+    config.addinivalue_line("markers", "slow: trains in real processes or for many steps")
     # Keras's own numpy-2 deprecation notice, raised inside keras, hundreds of times.
     config.addinivalue_line("filterwarnings", "ignore:__array__ implementation:DeprecationWarning")
     # Under pytest-xdist --dist loadfile, hand out modules in collection order
@@ -30,6 +34,9 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(items):
+    for item in items:
+        if set(SLOW_FIXTURES) & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
     slow_first = {name: i for i, name in enumerate(SLOW_MODULES)}
     items.sort(key=lambda item: slow_first.get(item.path.name, len(SLOW_MODULES)))
 

@@ -37,6 +37,7 @@ def test_iteration_counts_eighteen_generator_and_sixteen_discriminator_passes():
     assert benchmark.iteration_gflop(gan, cfg) == pytest.approx(18 * g + 16 * d)  # fakes: no pass
 
 
+@pytest.mark.slow
 def test_benchmark_command_prints_every_figure(tmp_path):
     result = run_cli("benchmark", "--image-size", 32, "--filters", 8, "--steps", 2,
                      "--pipeline-images", 8, "--json", cwd=tmp_path)
@@ -70,6 +71,7 @@ def test_matmul_yardstick_is_the_best_of_several_sizes_in_the_runs_precision(mon
     assert asked == [(n, "bfloat16") for n in benchmark.MATMUL_SIZES]
 
 
+@pytest.mark.slow
 def test_compare_times_float32_and_auto_and_prints_their_ratio(tmp_path):
     result = run_cli("benchmark", "--compare", "--image-size", 32, "--filters", 8, "--steps", 2,
                      "--json", cwd=tmp_path)

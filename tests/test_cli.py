@@ -182,6 +182,7 @@ def test_bad_input_is_a_one_line_error(tmp_path, monkeypatch, capsys, args, word
     assert list(tmp_path.iterdir()) == []  # nothing written
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["--image-size", "30"], ["--data", "no/such/folder"]])
 def test_a_real_process_prints_only_the_error_line(tmp_path, args):
     """No TensorFlow start-up notes or traceback around it: those go to fd 2 directly."""
@@ -309,6 +310,7 @@ def translate_args(work, source, output, *more):
             "--input", source, "--output", output, *more]
 
 
+@pytest.mark.slow
 def test_translate_never_overwrites_originals_or_earlier_outputs(trained_run, tmp_path, capsys):
     work, _ = trained_run
     originals = write_images(tmp_path / "in", 2)
@@ -367,6 +369,7 @@ def test_resume_accepts_the_runs_own_preset_and_refuses_another(trained_run, mon
                                                                    capsys)
 
 
+@pytest.mark.slow
 def test_every_check_comes_before_the_run_folder_so_the_corrected_command_just_runs(
         tmp_path, monkeypatch, capsys):
     tiny_data(tmp_path / "data")

@@ -119,6 +119,7 @@ def test_a_cut_generator_loads_in_plain_keras_translates_evaluates_and_exports(
     assert (tmp_path / "g.keras").is_file()
 
 
+@pytest.mark.slow
 def test_a_fastcut_run_trains_without_the_identity_term(tmp_path):
     run_cli("--model", "fastcut", "--name", "f", "--epochs", 1, *TINY, cwd=tmp_path)
     header = (tmp_path / "results" / "f" / "losses.csv").read_text().splitlines()[0]
@@ -135,6 +136,7 @@ def test_summary_of_cut_names_its_networks_and_patchnce(capsys):
     assert "fastcut: PatchNCE on layers 0 (3 channels), 4 " in out and "flip equivariance on" in out
 
 
+@pytest.mark.slow
 def test_a_cut_starting_point_restores_its_weights_and_the_benchmark_counts_its_passes():
     import benchmark
     import study

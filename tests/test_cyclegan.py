@@ -111,6 +111,7 @@ def cycle_losses(precision, steps=16):
     return [l["cycle_A"] + l["cycle_B"] for l in losses], gan, a
 
 
+@pytest.mark.slow
 def test_bfloat16_learns_as_float32_and_saves_float32_models_that_load_in_plain_keras(tmp_path):
     bf16, gan, a = cycle_losses("bfloat16")
     f32, _, _ = cycle_losses("float32")
@@ -148,6 +149,7 @@ def test_adversarial_model_outputs_losses_and_weights():
         assert opt.beta_1 == 0.5
 
 
+@pytest.mark.slow
 def test_discriminators_train_only_in_their_own_step_and_generators_in_the_adversarial_step():
     """Keras 3 reads `trainable` at each train_on_batch: the loop must toggle it."""
     cfg = make_config(image_size=32)
@@ -196,6 +198,7 @@ def test_precision_sets_compute_dtype_and_keeps_weights_outputs_and_losses_float
     assert scaled == (precision == "float16")
 
 
+@pytest.mark.slow
 def test_adversarial_update_keeps_the_fakes_it_computed_before_changing_the_generators():
     """The discriminators train on these: no second generator pass per step, as in the official code."""
     cfg = make_config(image_size=32, filters=8, precision="float32")

@@ -13,6 +13,7 @@ import textwrap
 import time
 
 import numpy as np
+import pytest
 
 from conftest import ROOT, write_images
 from train_utils import StopOnSignal
@@ -34,6 +35,7 @@ def run_python(code, cwd):
     return result.stdout
 
 
+@pytest.mark.slow
 def test_mirrored_steps_match_one_device_with_the_same_global_batch(tmp_path):
     out = run_python("""
         import numpy as np, keras
@@ -70,6 +72,7 @@ def test_mirrored_steps_match_one_device_with_the_same_global_batch(tmp_path):
     assert moved > 20 * mirrored, out
 
 
+@pytest.mark.slow
 def test_a_short_mirrored_run_trains_saves_and_reloads(tmp_path):
     for i, sub in enumerate(("trainA", "trainB")):
         write_images(tmp_path / "data" / sub, 4, size=40, seed=i)
@@ -153,6 +156,7 @@ def finish(workers):
     return outputs
 
 
+@pytest.mark.slow
 def test_two_workers_train_in_step_stop_together_and_resume(tmp_path):
     flags = training_flags(tmp_path, "mw", 3)
     # A stop (SIGTERM to both, as a cluster manager sends it) during the second epoch.
@@ -203,6 +207,7 @@ def lone_worker(tmp_path, timeout=None):
     return process, ports
 
 
+@pytest.mark.slow
 def test_a_worker_whose_peer_never_starts_says_which_and_gives_up_in_one_line(tmp_path):
     process, ports = lone_worker(tmp_path, timeout="5")
     _, err = process.communicate(timeout=120)
@@ -233,6 +238,7 @@ with train_utils.StopOnSignal() as stop, stop.waiting_for_workers(strategy):
 """
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_a_worker_blocked_in_an_all_reduce_its_peer_never_joins(tmp_path):
     ports = free_ports(2)
     workers = [subprocess.Popen([sys.executable, "-c", COLLECTIVE, str(index)], cwd=tmp_path,
@@ -252,6 +258,7 @@ def test_ctrl_c_ends_a_worker_blocked_in_an_all_reduce_its_peer_never_joins(tmp_
         "SIGINT: still waiting for the other workers; stopped without a new checkpoint"), err
 
 
+@pytest.mark.slow
 def test_a_worker_that_dies_mid_run_is_named_in_one_line(tmp_path):
     flags = training_flags(tmp_path, "d", 50)
     ports = free_ports(2)

@@ -159,6 +159,7 @@ def test_a_download_that_would_never_end_is_given_up_leaving_nothing(tmp_path, m
     assert listing(datasets) == []
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_a_download_is_one_line_and_leaves_nothing(tmp_path):
     with serve_endless(pause=0.1) as (base, requests):
         process = subprocess.Popen(

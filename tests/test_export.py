@@ -130,6 +130,7 @@ def test_bad_outputs_are_refused_and_nothing_is_overwritten(generator_h5, tmp_pa
                     "--output", tmp_path / "new.keras"], capsys)
 
 
+@pytest.mark.slow
 def test_a_resize_upsampling_generator_exports_to_tflite_at_one_size(tmp_path, capsys):
     """LiteRT lowers nearest-neighbour upsampling only when height and width are known."""
     h5 = tmp_path / "fast.h5"

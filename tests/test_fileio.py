@@ -125,6 +125,7 @@ def read_only_run(folder, *args, cwd):
                           cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_outputs_on_a_read_only_mount_are_one_line_errors(tmp_path):
     fixture = ROOT / "tests" / "fixtures" / "official" / "resnet_2blocks_ngf8.zip.pth"
     run_cli("convert", "--pth", fixture, "--output", tmp_path / "g.h5", cwd=tmp_path)
@@ -189,6 +190,7 @@ def assert_one_line_error(result, words):
     assert words in errors[0], errors
 
 
+@pytest.mark.slow
 def test_convert_and_export_onto_a_nearly_full_disk_are_one_line_and_keep_earlier_files(tmp_path):
     """h5py's failed writes once crashed the process at exit (rc 139); TensorFlow's SavedModel
     writer raises its own ResourceExhaustedError."""
@@ -211,6 +213,7 @@ def test_convert_and_export_onto_a_nearly_full_disk_are_one_line_and_keep_earlie
     assert (copy / "notes.txt").read_text() == "mine\n"
 
 
+@pytest.mark.slow
 def test_a_full_disk_at_an_epochs_h5_saves_is_one_line_and_keeps_the_earlier_models(tmp_path):
     """Epoch 1 writes its models; the disk is then made too small for epoch 2's."""
     tiny_data(tmp_path / "data")
@@ -232,6 +235,7 @@ def test_a_full_disk_at_an_epochs_h5_saves_is_one_line_and_keeps_the_earlier_mod
     assert (copy / "run" / "samples" / "epoch_0002.png").is_file()  # what came before it is kept
 
 
+@pytest.mark.slow
 def test_a_full_disk_under_the_log_folder_is_not_called_out_of_memory(tmp_path):
     """TensorFlow's event writer raises ResourceExhaustedError, as running out of memory does."""
     tiny_data(tmp_path / "data")

@@ -1,6 +1,7 @@
 """chapter.ipynb: it runs top to bottom, writes what a reader relies on, and is committed bare."""
 import nbformat
 import numpy as np
+import pytest
 from nbclient import NotebookClient
 from PIL import Image
 
@@ -10,6 +11,7 @@ NOTEBOOK = ROOT / "chapter.ipynb"
 STEPS = 3
 
 
+@pytest.mark.slow
 def test_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     import keras
     notebook = nbformat.read(NOTEBOOK, as_version=4)

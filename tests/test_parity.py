@@ -268,6 +268,7 @@ def test_the_learning_rate_of_every_epoch_of_a_paper_run_is_the_official_one():
 FIRST_STEP_RTOL = {"bfloat16": 3e-2, "float16": 3e-3}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["bfloat16", "float16"])
 def test_mixed_precision_stays_finite_and_close_to_float32(float32_run, precision):
     """The same K steps computed in bfloat16 or float16 (weights float32): no equality,

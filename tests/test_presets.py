@@ -25,6 +25,7 @@ def test_summary_of_the_paper_preset_matches_the_official_implementation(capsys)
     assert "adversarial output identity_B: loss=mae weight=5" in out
 
 
+@pytest.mark.slow
 def test_paper_preset_trains_saves_and_reloads_with_one_import(tmp_path):
     tiny_data(tmp_path / "data")
     run_cli("--data", "data", "--preset", "paper", "--image-size", 32, "--epochs", 1,

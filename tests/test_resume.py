@@ -3,9 +3,12 @@ import re
 import subprocess
 import sys
 
+import pytest
 from PIL import Image
 
 from conftest import ENV, ROOT, read_tensorboard, run_cli, tiny_data
+
+pytestmark = pytest.mark.slow  # every test trains in real processes
 
 
 def start_cli(*args, cwd):

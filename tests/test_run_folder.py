@@ -46,6 +46,7 @@ def test_saved_discriminator_reloads_trainable(small_gan, tmp_path):
     assert keras.models.load_model(folder.model("d_a"), compile=False).trainable
 
 
+@pytest.mark.slow
 def test_checkpoint_restores_weights_optimizer_moments_step_pools_and_data_position(tmp_path):
     import data
     from conftest import write_images
@@ -282,6 +283,7 @@ def test_no_path_under_a_run_is_joined_outside_the_run_folder_module():
         assert not [n for n in names if n in text], path.name
 
 
+@pytest.mark.slow
 def test_two_first_demo_runs_at_once_make_one_whole_demo_dataset(tmp_path):
     code = "import data; data.resolve_dataset('demo', 'datasets')"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "3"}

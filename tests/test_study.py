@@ -34,6 +34,7 @@ def test_unknown_variant_or_a_dataset_without_truth_fails_before_training(tiny_d
         study.run_study([str(tiny_dataset)], ["book"])
 
 
+@pytest.mark.slow
 def test_study_command_prints_a_row_per_variant_and_dataset_with_its_numbers(tmp_path):
     # The demo twice, by name and by path: the second run restores the first's starting point.
     result = run_cli("study", "--datasets", "demo", "datasets/demo", "--variants", "fast",
@@ -50,6 +51,7 @@ def test_study_command_prints_a_row_per_variant_and_dataset_with_its_numbers(tmp
     assert (tmp_path / "datasets" / "demo" / "testA_truth").is_dir()
 
 
+@pytest.mark.slow
 def test_study_runs_on_both_photo_datasets_and_scores_against_the_colour_map_oracle(
         tmp_path, monkeypatch, capsys):
     # Stand-ins for scikit-image's photos: two textured images, one for each split.
@@ -75,6 +77,7 @@ def test_study_steps_below_two_is_a_one_line_error(capsys):
     assert "--steps must be at least 2" in one_line_error(["study", "--steps", 1], capsys)
 
 
+@pytest.mark.slow
 def test_a_restored_starting_point_trains_again_exactly_as_from_the_build(tiny_dataset):
     cfg = config.make_config(image_size=32, filters=8)
     files = [data.domain_files(tiny_dataset, "train", d) for d in "AB"]

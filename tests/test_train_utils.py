@@ -58,6 +58,7 @@ with train_utils.StopOnSignal() as stop, stop.waiting("a file that never comes")
     (["SIGINT", "SIGINT"], None, 130, "SIGINT again: stopped at once"),
     ([], "2", 2, "error: waited 2 s for a file that never comes (CYCLEGAN_TIMEOUT sets how long)"),
 ])
+@pytest.mark.slow
 def test_a_wait_blocked_inside_tensorflow_still_ends_on_a_signal_or_its_deadline(
         tmp_path, signals, timeout, code, words):
     """A Python signal handler cannot run while the main thread blocks in TensorFlow."""

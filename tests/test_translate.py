@@ -278,6 +278,7 @@ def test_a_clip_without_the_video_package_is_one_line_naming_it(generators, tmp_
     assert not (tmp_path / "out.mp4").exists()
 
 
+@pytest.mark.slow
 def test_a_clip_that_breaks_mid_stream_keeps_its_first_frames_and_the_folder_goes_on(
         generators, tmp_path):
     for name in ("a.mp4", "b.mp4", "c.mp4"):
