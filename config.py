@@ -53,7 +53,8 @@ class Config:
                                      "fastcut 150+50)")
 
     # Data.
-    image_size: int = setting(128, "training crop size in pixels, a multiple of 4 from 32 to 1024")
+    image_size: int = setting(128, "training crop size in pixels, from 32 to 1024, a multiple of "
+                                        "the generator's (4 for resnet)")
     load_size: int = setting(0, "resize to this, then random-crop --image-size; 0: no crop")
     limit: int = setting(0, "images per domain; 0: all")
 
@@ -332,9 +333,9 @@ def check_run_name(name):
 def validate(cfg):
     """Raise UserError with one line for any setting the models cannot use."""
     check_run_name(cfg.name)
-    if not 32 <= cfg.image_size <= MAX_IMAGE_SIZE or cfg.image_size % 4:
-        raise UserError(f"--image-size must be a multiple of 4 from 32 to {MAX_IMAGE_SIZE}, "
-                        f"got {cfg.image_size}")
+    # The multiple its sides need is the generator's own (models.check_input_size).
+    if not 32 <= cfg.image_size <= MAX_IMAGE_SIZE:
+        raise UserError(f"--image-size must be from 32 to {MAX_IMAGE_SIZE}, got {cfg.image_size}")
     if cfg.load_size and not cfg.image_size <= cfg.load_size <= 2 * MAX_IMAGE_SIZE:
         raise UserError(f"--load-size ({cfg.load_size}) must be from --image-size "
                         f"({cfg.image_size}) to {2 * MAX_IMAGE_SIZE}")

@@ -1,11 +1,12 @@
 """A saved generator out to the formats apps use: .keras, SavedModel, ONNX, LiteRT (.tflite).
 
 SavedModel and LiteRT take uint8 RGB images of any size and return uint8
-images: the [-1, 1] scaling and the pad to a multiple of 4 are built in.
+images: the [-1, 1] scaling and the pad to what the generator's sides need are built in.
 `.keras` and ONNX hold the generator itself: float32 NHWC images in
 [-1, 1], height and width multiples of 4. Every export is run once on a
 test image by its own runtime and compared with the .h5 before it is kept.
 """
+import importlib.util
 import tempfile
 import warnings
 from pathlib import Path
@@ -108,13 +109,10 @@ RUNNERS = {"keras": run_keras, "saved_model": run_saved_model, "onnx": run_onnx,
 
 def require_packages(fmt):
     """One line naming what is missing, before any work is done."""
-    import importlib.util
     missing = [p for p in OPTIONAL_PACKAGES.get(fmt, ()) if importlib.util.find_spec(p) is None]
     if missing:
         raise UserError(f"--format {fmt} needs the optional package(s) {', '.join(missing)}: "
                         f"pip install {' '.join(missing)}")
-
-
 
 
 def check_images(size=(None, None), seed=0):

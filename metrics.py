@@ -8,13 +8,16 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+import keras
 import numpy as np
 import tensorflow as tf
+from keras.applications.inception_v3 import preprocess_input
 
 import config
 import data
 import download
 import image_files
+import models
 import report
 from config import UserError
 from fileio import atomic_write
@@ -185,7 +188,6 @@ def load_inception(weights=None):
 
     Raises FeaturesUnavailable when the download fails and UserError for a bad local file.
     """
-    import keras
     if weights is not None and not Path(weights).is_file():
         raise UserError(f"--inception-weights {weights} is not a file")
     try:
@@ -215,7 +217,6 @@ def inception_weights():
 
 def features(model, batches):
     """Feature rows of [-1, 1] image batches, resized to the model's input."""
-    from keras.applications.inception_v3 import preprocess_input
     rows = []
     for x in batches:
         x = tf.image.resize(x, model.input_shape[1:3])
@@ -290,7 +291,6 @@ def fid_kid_scores(args, g_ab, g_ba, files_a, files_b, size):
 
 def evaluate(args):
     """`main.py evaluate`: score a run's (or two saved) generators on a test split."""
-    import models
     folder, generators, dataset, size, is_run = evaluation_target(args)
     g_ab, g_ba = [models.load_generator(path, "--generators" if args.generators else "--generator")
                   for path in generators] + [None] * (2 - len(generators))

@@ -100,8 +100,11 @@ def upsample_block(x, filters, cfg):
 
 
 def build_generator(cfg, name="generator"):
-    """The generator that --gen names (GENERATORS); any input size divisible by 4."""
-    return GENERATORS[cfg.gen](cfg, name)
+    """The generator that --gen names (GENERATORS), refused in one line where it cannot take
+    --image-size (check_input_size); translated images of any size are padded to fit."""
+    generator = GENERATORS[cfg.gen](cfg, name)
+    check_input_size(generator, cfg.image_size, "--image-size")
+    return generator
 
 
 def resnet_generator(cfg, name):
@@ -269,6 +272,13 @@ def size_multiple(generator):
         if type(layer) is layers.Conv2D and layer.strides[0] > 1:
             multiple *= layer.strides[0]
     return multiple
+
+
+def check_input_size(generator, size, flag):
+    """Refuse, in one line, a `size` that is no multiple of what `generator`'s sides need."""
+    multiple = size_multiple(generator)
+    if size % multiple:
+        raise UserError(f"{flag} must be a multiple of {multiple} for this generator, got {size}")
 
 
 def translate_padded(generator, images):

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 
 import download
+import models
 import pth_reader
 from config import UserError, from_flags, make_config
 from fileio import checked_output
@@ -105,7 +106,6 @@ def convert_state_dict(state, image_size=256):
     PyTorch kernels (out, in, k, k) and transposed kernels (in, out, k, k)
     both become Keras' (k, k, in, out) and (k, k, out, in) by one transpose.
     """
-    import models
     kind, width, blocks, params = official_layout(state)
     if kind == "generator":
         cfg = make_config("paper", filters=width, res_blocks=blocks)
@@ -129,7 +129,6 @@ def describe(model):
 
 def convert(pth_path, output_path, image_size=256):
     """Convert an official .pth into a Keras .h5 (or .keras); returns the model."""
-    import models
     output_path = checked_output(output_path, (".h5", ".keras"))
     state = pth_reader.read_pth(pth_path)
     try:

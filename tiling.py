@@ -166,7 +166,8 @@ class TiledGenerator:
         offset = -mean * inverse + (layer.beta if layer.center else 0.0)
         return tf.cast(tf.cast(x, tf.float32) * inverse + offset, layer.compute_dtype)
 
-    def compiled(self, segment, target):
+    def traced(self, segment, target):
+        """The segment's pass up to `target`, traced once for each."""
         key = (segment.start, target)
         if key not in self.passes:
             self.passes[key] = tf.function(functools.partial(self.run, segment, target),
@@ -187,7 +188,7 @@ class TiledGenerator:
         scaled = lambda box, s: tuple(int(v * s) for v in box)
         for kept, tile in self.tiles(*size, segment.margin):
             t, b, l, r = scaled(tile, s_in)
-            out = self.compiled(segment, target)(whole[:, t:b, l:r])
+            out = self.traced(segment, target)(whole[:, t:b, l:r])
             expected = ((tile[1] - tile[0]) * s_out, (tile[3] - tile[2]) * s_out)
             if tuple(out.shape[1:3]) != expected:
                 raise self.refusal(f"its layer {self.layers[target].name} does not keep the "

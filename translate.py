@@ -20,6 +20,7 @@ import config
 import image_files
 import machine
 import models
+import pretrained
 import report
 from config import UserError
 from fileio import atomic_write, checked_output
@@ -30,7 +31,7 @@ VIDEO_CODECS = {".mp4": "libx264", ".mov": "libx264", ".mkv": "libx264", ".avi":
                 ".webm": "libvpx-vp9"}
 # Pixels translated in one call: a batch of images of one size, or of video frames.
 BATCH_PIXELS = 4 * 256 * 256
-WRITERS = 2
+WRITER_THREADS = 2
 # Copies of the generator's widest activation an untiled pass holds at once, about
 # (docs/benchmarks.md#photos-larger-than-memory). On a CPU, running out of memory aborts
 # the process instead of raising an error, so an image that would is refused beforehand.
@@ -40,7 +41,6 @@ LIVE_ACTIVATIONS = 4
 def command(args):
     """The translate command, from its parsed flags."""
     if args.pretrained:
-        import pretrained
         generator = pretrained.pretrained_generator(args.pretrained)
     else:
         generator = args.generator
@@ -59,9 +59,11 @@ def translate(generator_path, input_path, output, overwrite=False, precision="au
         raise UserError(f"--max-size must be at least 4 pixels (or 0: any size), got {max_size}")
     if keep_size and not max_size:
         raise UserError("--keep-size goes with --max-size")
-    if tile != 0 and (tile < 16 or tile % 4):
-        raise UserError(f"--tile must be a multiple of 4 from 16 (or 0: no tiles), got {tile}")
+    if tile != 0 and tile < 16:
+        raise UserError(f"--tile must be at least 16 (or 0: no tiles), got {tile}")
     generator = models.load_generator(generator_path)
+    if tile:
+        models.check_input_size(generator, tile, "--tile")
     images, clips, targets = plan_outputs(input_path, output, overwrite)
     if clips:
         require_av()
@@ -150,7 +152,7 @@ class Translator:
         if tile:
             import tiling
             self.tiled = tiling.TiledGenerator(self.generator, tile)
-        self.compiled = tf.function(self.translate_batch, input_signature=[
+        self.traced = tf.function(self.translate_batch, input_signature=[
             tf.TensorSpec((None, None, None, 3), tf.uint8)])
         self.bytes_per_pixel = bytes_per_pixel(self.generator) if machine.on_cpu() else None
 
@@ -168,7 +170,7 @@ class Translator:
             if self.bytes_per_pixel and (self.bytes_per_pixel * np.prod(images.shape[:3])
                                          > (machine.available_memory() or float("inf"))):
                 raise MemoryError
-            out = self.compiled(images)
+            out = self.traced(images)
         if size is not None and tuple(size) != tuple(out.shape[1:3]):
             out = tf.image.resize(out, size)
         return out.numpy()
@@ -177,7 +179,7 @@ class Translator:
 class Writers:
     """Files written by threads while the next batch is translated; the first failure is raised."""
 
-    def __init__(self, workers=WRITERS):
+    def __init__(self, workers=WRITER_THREADS):
         self.pool = concurrent.futures.ThreadPoolExecutor(workers)
         self.pending = collections.deque()
         self.limit = 4 * workers

@@ -148,7 +148,8 @@ def test_summary_prints_book_sizes(capsys):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--image-size", "30"], "multiple of 4"),
+    (["--image-size", "30"], "--image-size must be from 32 to 1024"),
+    (["--image-size", "34"], "--image-size must be a multiple of 4 for this generator"),
     (["--batch-size", "0"], "--batch-size must be at least 1"),
     (["--epochs", "-3"], "--epochs must be at least 0"),
     (["--data", "no/such/folder"], "neither a folder"),
@@ -158,7 +159,7 @@ def test_summary_prints_book_sizes(capsys):
     (["evaluate"], "evaluate needs --name"),
     (["evaluate", "--name", "nothing"], "no run 'nothing'"),
     (["evaluate", "--generators", "a.h5", "b.h5"], "--generators needs --data"),
-    (["evaluate", "--generators", "a.h5", "b.h5", "--data", ".", "--image-size", "30"], "multiple of 4"),
+    (["evaluate", "--generators", "a.h5", "b.h5", "--data", ".", "--image-size", "30"], "from 32 to"),
     (["--lr", "nan"], "--lr must be a number above 0"),
     (["--lr", "inf"], "--lr must be a number above 0"),
     (["--beta1", "5"], "--beta1 must be a number from 0"),

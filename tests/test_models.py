@@ -154,3 +154,12 @@ def test_normal_init_draws_weights_from_n_0_0_02_and_zero_biases():
     for layer in generator.layers:
         if getattr(layer, "bias", None) is not None:
             assert not np.any(np.asarray(layer.bias)), layer.name
+
+
+def test_the_generator_owns_the_multiple_its_sides_need():
+    """config checks only the range; the generator's own strides say the multiple (4 for resnet)."""
+    cfg = make_config(image_size=32, filters=4, res_blocks=1)
+    assert models.size_multiple(models.build_generator(cfg)) == 4
+    with pytest.raises(config.UserError, match="--image-size must be a multiple of 4 for this "
+                                               "generator, got 34"):
+        models.build_generator(dataclasses.replace(cfg, image_size=34))

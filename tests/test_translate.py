@@ -184,7 +184,8 @@ def test_the_memory_estimate_covers_the_widest_activation(generators):
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--tile", "30"], "--tile must be a multiple of 4"),
+    (["--tile", "30"], "--tile must be a multiple of 4 for this generator"),
+    (["--tile", "8"], "--tile must be at least 16"),
     (["--max-size", "2"], "--max-size must be at least 4"),
     (["--keep-size"], "--keep-size goes with --max-size"),
     (["--precision", "float8"], "invalid choice"),
