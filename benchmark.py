@@ -123,6 +123,7 @@ class StepRun:
             "model": cfg.model, "preset": cfg.preset, "image_size": cfg.image_size,
             "batch_size": cfg.batch_size * replicas, "replicas": replicas,
             "precision": precision, "jit_compile": cfg.jit_compile,
+            "conv_gradients": machine.choose_conv_gradients(cfg.conv_gradients)[0],
             "seconds_per_iteration": seconds, "seconds_per_iteration_min": min(times),
             "seconds_per_iteration_max": max(times), "iterations_per_s": 1 / seconds,
             "images_per_s": 2 * cfg.batch_size * replicas / seconds, "gflop_per_iteration": gflop,

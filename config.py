@@ -116,6 +116,10 @@ class Config:
     precision: str = setting("auto", "compute dtype, weights stay float32; auto: bfloat16 where "
                                      "the hardware has it natively, else float32")
     jit_compile: bool = setting(False, "XLA compilation of the steps (docs/benchmarks.md)")
+    conv_gradients: str = setting("auto", "how training computes stride-1 convolution gradients: "
+                                          "tensorflow (its own kernels) or convolution (as forward "
+                                          "convolutions); auto: convolution on a CPU without "
+                                          "oneDNN's ops")
 
     # Outputs.
     sample_every: int = setting(10, "epochs between sample grids and metrics")
@@ -246,6 +250,7 @@ CHOICES = {
     "lr_schedule": ("documented", "official"),
     "strategy": ("default", "mirrored", "multiworker"),
     "precision": ("auto", "float32", "bfloat16", "float16"),
+    "conv_gradients": ("auto", "tensorflow", "convolution"),
 }
 
 

@@ -15,6 +15,7 @@ import tensorflow as tf
 from keras import layers
 
 import config
+import conv_gradients
 import cyclegan
 import machine
 import models
@@ -145,6 +146,7 @@ class CUT:
         with self.strategy.scope(), machine.dtype_policy(cfg.precision):
             self.g_ab = models.build_generator(cfg, "generator_AtoB")
             self.d_b = models.build_discriminator(cfg, "discriminator_B")
+            conv_gradients.use(cfg.conv_gradients, (self.g_ab, self.d_b))
             self.d_b.compile(optimizer=models.make_optimizer(cfg),
                              loss=keras.losses.MeanSquaredError(), jit_compile=cfg.jit_compile)
             self.encoder = build_encoder(self.g_ab, cfg)

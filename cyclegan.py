@@ -16,6 +16,7 @@ import numpy as np
 import tensorflow as tf
 from keras import layers
 
+import conv_gradients
 import machine
 import models
 import train_utils
@@ -193,6 +194,7 @@ class CycleGAN:
             self.g_ba = models.build_generator(cfg, "generator_BtoA")
             self.d_a = models.build_discriminator(cfg, "discriminator_A")
             self.d_b = models.build_discriminator(cfg, "discriminator_B")
+            conv_gradients.use(cfg.conv_gradients, (self.g_ab, self.g_ba, self.d_a, self.d_b))
             for d in (self.d_a, self.d_b):
                 # Under mixed_float16 (not bfloat16), Keras 3 adds loss scaling to the optimizer itself.
                 # A loss object, not "mse": Keras 3 cannot reload a .h5 compiled with the string.

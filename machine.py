@@ -74,6 +74,25 @@ def choose_precision(requested):
     return "float32", "auto: no native bfloat16 on this device"
 
 
+def onednn_ops():
+    """Whether TensorFlow runs oneDNN's CPU ops (its choice: by default only on CPUs with
+    AVX-512 VNNI, bfloat16 or AMX; TF_ENABLE_ONEDNN_OPTS overrides it)."""
+    from tensorflow.python.util import _pywrap_util_port  # private: TensorFlow's own answer
+    return _pywrap_util_port.IsMklEnabled()
+
+
+def choose_conv_gradients(requested):
+    """(choice, why) for --conv-gradients: auto is convolution on a CPU without oneDNN's ops,
+    whose own gradient kernels are slow there (conv_gradients.py), else tensorflow."""
+    if requested != "auto":
+        return requested, "as asked"
+    if not on_cpu():
+        return "tensorflow", "auto: a GPU's own kernels"
+    if onednn_ops():
+        return "tensorflow", "auto: oneDNN's CPU kernels"
+    return "convolution", "auto: a CPU without oneDNN's ops, whose gradient kernels are slow"
+
+
 @contextlib.contextmanager
 def temporarily(get, set, value):
     """A process-wide setting at `value` for the block, then back at what it was."""

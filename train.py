@@ -98,6 +98,8 @@ def train(cfg, resume=False, overwrite=False):
     precision, why = machine.choose_precision(cfg.precision)
     cfg = dataclasses.replace(cfg, precision=precision)  # config.json records the choice
     print(f"Precision: {precision} ({why})")
+    gradients, why = machine.choose_conv_gradients(cfg.conv_gradients)
+    print(f"Convolution gradients: {gradients} ({why})")
     # Before anything is written or fetched.
     train_utils.check_training_memory(cfg, cut.model_class(cfg).memory_needed(cfg))
     if cfg.data == "demo":
