@@ -31,6 +31,9 @@ VIDEO_CODECS = {".mp4": "libx264", ".mov": "libx264", ".mkv": "libx264", ".avi":
                 ".webm": "libvpx-vp9"}
 # Pixels translated in one call: a batch of images of one size, or of video frames.
 BATCH_PIXELS = 4 * 256 * 256
+# Batches of one size from which tracing the generator pays: a trace costs about what four
+# untraced calls lose to Python per layer (docs/benchmarks.md, translating one photo).
+TRACE_FROM_BATCHES = 4
 WRITER_THREADS = 2
 # Copies of the generator's widest activation an untiled pass holds at once, about
 # (docs/benchmarks.md#photos-larger-than-memory). On a CPU, running out of memory aborts
@@ -161,8 +164,9 @@ class Translator:
         return tf.cast(models.translate_padded(self.generator, image_files.to_network(images)),
                        tf.float32)
 
-    def __call__(self, images, size=None):
-        """uint8 NHWC images of one size -> float32 translations (scaled to `size`, where given)."""
+    def __call__(self, images, size=None, trace=True):
+        """uint8 NHWC images of one size -> float32 translations (scaled to `size`, where given);
+        `trace`: through the traced generator, else layer by layer."""
         if self.tiled and max(images.shape[1:3]) > self.tile:
             out = tf.stack([self.tiled(image_files.to_network(image))
                             for image in images])
@@ -170,7 +174,7 @@ class Translator:
             if self.bytes_per_pixel and (self.bytes_per_pixel * np.prod(images.shape[:3])
                                          > (machine.available_memory() or float("inf"))):
                 raise MemoryError
-            out = self.traced(images)
+            out = self.traced(images) if trace else self.translate_batch(images)
         if size is not None and tuple(size) != tuple(out.shape[1:3]):
             out = tf.image.resize(out, size)
         return out.numpy()
@@ -262,6 +266,7 @@ def translate_images(translator, files, targets, max_size, keep_size):
             skipped.append(f"{image_files.file_name(path)} ({why})")
     targets = usable_targets
     batches = image_batches(images, max_size, keep_size, translator.tile)
+    batches_of_size = collections.Counter(size for _, size, _ in batches)
     progress = report.CountProgress(len(images), "images")
     written = set()
     with Writers() as writers:
@@ -269,7 +274,9 @@ def translate_images(translator, files, targets, max_size, keep_size):
             indices = indices.numpy()
             first = images[indices[0]]
             try:
-                out = translator(pixels, batches[int(batch)][2])
+                _, size, out_size = batches[int(batch)]
+                trace = batches_of_size[size] >= TRACE_FROM_BATCHES
+                out = translator(pixels, out_size, trace)
             except (tf.errors.ResourceExhaustedError, MemoryError):
                 raise out_of_memory(image_files.file_name(first), first.size) from None
             for i, image in zip(indices, out):
