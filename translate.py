@@ -32,8 +32,10 @@ VIDEO_CODECS = {".mp4": "libx264", ".mov": "libx264", ".mkv": "libx264", ".avi":
 # Pixels translated in one call: a batch of images of one size, or of video frames.
 BATCH_PIXELS = 4 * 256 * 256
 # Batches of one size from which tracing the generator pays: a trace costs about what four
-# untraced calls lose to Python per layer (docs/benchmarks.md, translating one photo).
+# untraced calls lose to Python per layer (docs/benchmarks.md, translating one photo). An
+# untraced call holds every layer's output to the end, so only small batches go untraced.
 TRACE_FROM_BATCHES = 4
+UNTRACED_PIXELS = 256 * 256
 WRITER_THREADS = 2
 # Copies of the generator's widest activation an untiled pass holds at once, about
 # (docs/benchmarks.md#photos-larger-than-memory). On a CPU, running out of memory aborts
@@ -274,8 +276,9 @@ def translate_images(translator, files, targets, max_size, keep_size):
             indices = indices.numpy()
             first = images[indices[0]]
             try:
-                _, size, out_size = batches[int(batch)]
-                trace = batches_of_size[size] >= TRACE_FROM_BATCHES
+                members, size, out_size = batches[int(batch)]
+                trace = (batches_of_size[size] >= TRACE_FROM_BATCHES
+                         or len(members) * size[0] * size[1] > UNTRACED_PIXELS)
                 out = translator(pixels, out_size, trace)
             except (tf.errors.ResourceExhaustedError, MemoryError):
                 raise out_of_memory(image_files.file_name(first), first.size) from None

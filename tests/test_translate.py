@@ -88,17 +88,18 @@ def test_a_folder_comes_out_as_the_per_image_path_wrote_it(generators, tmp_path,
     assert not list((tmp_path / "out").glob(".*"))  # no temporary files left
 
 
-def test_a_size_with_few_batches_goes_untraced_and_one_with_many_traced_to_the_same_result(
+def test_a_small_image_of_a_rare_size_goes_untraced_the_rest_traced_to_the_same_result(
         generators, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(translate, "BATCH_PIXELS", 48 * 64)  # one image a batch
-    photos(tmp_path / "in", [(48, 64)] * translate.TRACE_FROM_BATCHES + [(37, 51)])
+    monkeypatch.setattr(translate, "UNTRACED_PIXELS", 50 * 70)  # larger images go traced
+    photos(tmp_path / "in", [(48, 64)] * translate.TRACE_FROM_BATCHES + [(37, 51), (60, 64)])
     calls = []
     call = translate.Translator.__call__
     monkeypatch.setattr(translate.Translator, "__call__", lambda self, images, size=None, trace=True:
                         calls.append((tuple(images.shape[1:3]), trace)) or call(self, images, size, trace))
     assert main.main(["translate", "--generator", str(generators["paper"]), "--input",
                       str(tmp_path / "in"), "--output", str(tmp_path / "out")]) == 0
-    assert sorted(set(calls)) == [((37, 51), False), ((48, 64), True)]
+    assert sorted(set(calls)) == [((37, 51), False), ((48, 64), True), ((60, 64), True)]
     translator = translate.Translator(models.load_generator(generators["paper"]), "float32")
     image = np.random.default_rng(0).integers(0, 256, (2, 32, 48, 3), dtype=np.uint8)
     np.testing.assert_allclose(translator(image, trace=False), translator(image), atol=1e-5)
