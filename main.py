@@ -44,6 +44,8 @@ def add_study_flags(parser):
                         help="variants to train (default: the CycleGAN ones; CUT's by name, "
                              "e.g. cut fastcut; see docs/study.md)")
     parser.add_argument("--steps", type=int, help="training steps per variant (default: 160)")
+    parser.add_argument("--samples", help="also a .png of each dataset's first test images, their "
+                                          "truth and every variant's translation side by side")
     flags.add_config_flags(parser, ("image_size", "seed", "precision"))  # image size: the demo data's
 
 

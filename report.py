@@ -240,7 +240,11 @@ def save_loss_curves(history, path, panels):
 
 def save_sample_grid(gan, batch_a, batch_b, path, title):
     """The rows of (image, label) that the model draws for the sample batches (gan.sample_rows)."""
-    rows = gan.sample_rows(batch_a, batch_b)
+    save_image_grid(gan.sample_rows(batch_a, batch_b), path, title)
+
+
+def save_image_grid(rows, path, title):
+    """Rows of (image in [-1, 1], label) as one figure."""
     columns = len(rows[0])
     fig, axes = plt.subplots(len(rows), columns, figsize=(2.5 * columns, 2.6 * len(rows)),
                              squeeze=False, layout="constrained")

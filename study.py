@@ -17,7 +17,9 @@ import config
 import cut
 import data
 import metrics
+import report
 import train_utils
+from fileio import checked_output
 
 # name -> (preset, overrides); a name says what differs from the book preset.
 VARIANTS = {
@@ -45,6 +47,7 @@ DEFAULT_VARIANTS = tuple(name for name, (_, settings) in VARIANTS.items() if "mo
 # A global colour change and a local, painterly one (generated.photo_grading, generated.painterly).
 DATASETS = ("photos", "painterly")
 DEFAULT_STEPS = 160
+SAMPLE_IMAGES = 3  # test images of each dataset in --samples' grid
 
 
 def variant_config(name, image_size, seed, precision="auto"):
@@ -164,7 +167,9 @@ def run_variant(name, datasets, image_size, steps, seed, precision="auto"):
             start.restore()
         batches = iter(data.train_dataset(*train_files, cfg))
         seconds = train_steps(gan, batches, steps)
-        yield dataset, {**score(generators, test, colour_map_psnr), "s_per_step": seconds}
+        (first_images, _), *_ = test[0]
+        yield dataset, {**score(generators, test, colour_map_psnr), "s_per_step": seconds,
+                        "samples": np.asarray(generators[False][0](first_images[:SAMPLE_IMAGES]))}
 
 
 def format_row(dataset, name, row):
@@ -177,8 +182,12 @@ HEADER = (f"{'dataset':<9} {'variant':<24} {'gain dB':>8} {'train-mode':>10} "
 
 
 def run_study(datasets=DATASETS, variants=DEFAULT_VARIANTS, image_size=32, steps=DEFAULT_STEPS, seed=0,
-              datasets_dir="datasets", precision="auto"):
-    """Every variant on every dataset, a row printed as each finishes; returns the rows."""
+              datasets_dir="datasets", precision="auto", samples=None):
+    """Every variant on every dataset, a row printed as each finishes; returns the rows.
+
+    With `samples` (a .png path, checked by the caller), also the grid of each dataset's first
+    test images: A, its truth, and every variant's G_AB(A) side by side.
+    """
     for name in variants:
         variant_config(name, image_size, seed, precision)  # a typo fails before any training
     # A dataset without a truth fails here, before any training.
@@ -199,7 +208,22 @@ def run_study(datasets=DATASETS, variants=DEFAULT_VARIANTS, image_size=32, steps
             print(format_row(dataset, name, row), flush=True)
     print_summary(rows)
     print(f"{len(rows)} run(s) in {(time.perf_counter() - start) / 60:.1f} minutes")
+    if samples:
+        report.save_image_grid(sample_rows(prepared, rows), samples,
+                               f"{steps} steps at {image_size} px, seed {seed}")
+        print(f"Samples side by side: {samples}")
     return rows
+
+
+def sample_rows(prepared, rows):
+    """The grid's rows: per dataset and test image, A, its truth and each variant's G_AB(A)."""
+    grid = []
+    for dataset, (_, (batches_a, _), _) in prepared.items():
+        images, truth = batches_a[0]
+        for i in range(min(SAMPLE_IMAGES, len(images))):
+            grid.append([(images[i], f"{dataset}: A"), (truth[i], "truth")]
+                        + [(row["samples"][i], name) for d, name, row in rows if d == dataset])
+    return grid
 
 
 def print_summary(rows):
@@ -225,5 +249,6 @@ def command(args):
         raise config.UserError(f"--steps must be at least 2, got {steps}")
     # The study's runs are as small as the demo data's.
     base = config.from_flags(args, image_size=config.DEMO_DEFAULTS["image_size"])
+    samples = args.samples and checked_output(args.samples, (".png",), flag="--samples")
     run_study(args.datasets or DATASETS, args.variants or DEFAULT_VARIANTS, base.image_size, steps,
-              base.seed, precision=base.precision)
+              base.seed, precision=base.precision, samples=samples)

@@ -2,6 +2,7 @@ import re
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import config
 import data
@@ -38,7 +39,7 @@ def test_unknown_variant_or_a_dataset_without_truth_fails_before_training(tiny_d
 def test_study_command_prints_a_row_per_variant_and_dataset_with_its_numbers(tmp_path):
     # The demo twice, by name and by path: the second run restores the first's starting point.
     result = run_cli("study", "--datasets", "demo", "datasets/demo", "--variants", "fast",
-                     "--steps", 2, cwd=tmp_path)
+                     "--steps", 2, "--samples", "side_by_side.png", cwd=tmp_path)
     number = r"\s+([+-]?\d+\.\d+)"
     rows = [re.match(rf"(demo|datasets/demo)\s+fast{number * 5}$", line)
             for line in result.stdout.splitlines()]
@@ -49,6 +50,26 @@ def test_study_command_prints_a_row_per_variant_and_dataset_with_its_numbers(tmp
     assert "demo: doing nothing scores" in result.stdout
     assert re.search(r"^2 run\(s\) in \d+\.\d minutes$", result.stdout, re.M)
     assert (tmp_path / "datasets" / "demo" / "testA_truth").is_dir()
+    # Per dataset its first test images (A, truth, the variant's G_AB(A)): six rows of three.
+    assert "Samples side by side: side_by_side.png" in result.stdout
+    grid = Image.open(tmp_path / "side_by_side.png")
+    assert grid.width < grid.height  # three columns, six rows
+
+
+def test_study_samples_grid_has_a_row_per_test_image_and_a_column_per_variant():
+    images, truth = np.zeros((4, 8, 8, 3)), np.ones((4, 8, 8, 3))
+    prepared = {"photos": (None, ([(images, truth)], []), 0.0)}
+    rows = [("photos", name, {"samples": np.full((3, 8, 8, 3), k)})
+            for k, name in enumerate(("fast", "cut"))]
+    grid = study.sample_rows(prepared, rows)
+    assert [[label for _, label in row] for row in grid] == [["photos: A", "truth", "fast", "cut"]] * 3
+    assert grid[1][3][0].min() == 1  # cut's translation of the second image
+
+
+def test_study_samples_must_be_a_new_png(tmp_path, capsys):
+    (tmp_path / "old.png").write_bytes(b"x")
+    for path, words in ((tmp_path / "grid.jpg", "must end in .png"), (tmp_path / "old.png", "already exists")):
+        assert words in one_line_error(["study", "--samples", str(path)], capsys)
 
 
 @pytest.mark.slow
