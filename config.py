@@ -116,7 +116,7 @@ class Config:
     precision: str = setting("auto", "compute dtype, weights stay float32; auto: bfloat16 where "
                                      "the hardware has it natively, else float32")
     jit_compile: bool = setting(False, "XLA compilation of the steps (docs/benchmarks.md)")
-    conv_gradients: str = setting("auto", "how training computes stride-1 convolution gradients: "
+    conv_gradients: str = setting("auto", "how training computes convolution gradients: "
                                           "tensorflow (its own kernels) or convolution (as forward "
                                           "convolutions); auto: convolution on a CPU without "
                                           "oneDNN's ops")

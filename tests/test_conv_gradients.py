@@ -1,5 +1,5 @@
-"""Stride-1 convolution gradients as forward convolutions: the same gradients as TensorFlow's,
-the same training, and plain saved files."""
+"""Convolution gradients as forward convolutions: the same gradients as TensorFlow's, the same
+training, and plain saved files."""
 import dataclasses
 
 import numpy as np
@@ -40,6 +40,27 @@ def test_gradients_equal_tensorflows(padding, kernel_size, channels_in, channels
         np.testing.assert_allclose(mine / scale, reference / scale, atol=1e-5)
 
 
+@pytest.mark.parametrize("stride", [2, 3])
+@pytest.mark.parametrize("kernel_size", [1, 3, 4])
+@pytest.mark.parametrize("channels_in, channels_out", [(3, 5), (20, 17)])
+def test_strided_gradients_equal_tensorflows(stride, kernel_size, channels_in, channels_out):
+    rng = np.random.default_rng(kernel_size * stride)
+    # Batch 2, not square; at every stride and kernel here some last rows or columns are never
+    # read (their gradient is zero) and some phases have fewer taps than others.
+    x = tf.constant(rng.normal(size=(2, 11, 10, channels_in)), tf.float32)
+    kernel = tf.constant(rng.normal(size=(kernel_size, kernel_size, channels_in, channels_out)),
+                         tf.float32)
+    out_shape = tf.nn.conv2d(x, kernel, stride, "VALID").shape
+    upstream = tf.constant(rng.normal(size=out_shape), tf.float32)
+    ours = gradients(lambda a, b: conv_gradients.conv2d(a, b, "VALID", stride), x, kernel,
+                     upstream)
+    theirs = gradients(lambda a, b: tf.nn.conv2d(a, b, stride, "VALID"), x, kernel, upstream)
+    for mine, reference in zip(ours, theirs):
+        assert mine.shape == reference.shape
+        scale = np.abs(reference).max()
+        np.testing.assert_allclose(mine / scale, reference / scale, atol=1e-5)
+
+
 def test_bfloat16_gradients_stay_close_to_float32s():
     rng = np.random.default_rng(1)
     x = tf.constant(rng.normal(size=(1, 16, 16, 32)), tf.float32)
@@ -55,7 +76,8 @@ def test_bfloat16_gradients_stay_close_to_float32s():
 
 
 def paper_generator():
-    cfg = make_config("paper", image_size=32, filters=4, res_blocks=2, precision="float32")
+    # 16 filters: the stride-2 convs' inputs (16 and 32 channels) take the polyphase gradient.
+    cfg = make_config("paper", image_size=32, filters=16, res_blocks=2, precision="float32")
     return cfg, models.build_generator(cfg)
 
 
@@ -72,7 +94,8 @@ def test_a_network_trains_on_the_same_gradients_and_saves_as_plain_keras(tmp_pat
     settings = generator.get_config()
     assert conv_gradients.use("convolution", [generator]) == "convolution"
     covered = [layer for layer in generator.layers if conv_gradients.applies_to(layer)]
-    assert len(covered) == 2 + 2 * cfg.res_blocks  # both 7x7 convs and every residual conv
+    # Both 7x7 convs, both stride-2 convs (zero-padded, then "valid") and every residual conv.
+    assert len(covered) == 2 + 2 + 2 * cfg.res_blocks
     assert all("convolution_op" in vars(layer) for layer in covered)
     x = tf.constant(np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)), tf.float32)
     ours, theirs = weight_gradients(generator, x), weight_gradients(plain, x)
@@ -85,6 +108,21 @@ def test_a_network_trains_on_the_same_gradients_and_saves_as_plain_keras(tmp_pat
     reloaded = keras.models.load_model(tmp_path / "g.h5", compile=False)
     assert all("convolution_op" not in vars(layer) for layer in reloaded.layers)
     np.testing.assert_allclose(reloaded(x), generator(x), atol=1e-6)
+
+
+def test_a_discriminator_trains_on_the_same_gradients():
+    cfg = make_config("paper", image_size=32, disc_filters=16, precision="float32")
+    discriminator = models.build_discriminator(cfg)
+    plain = keras.models.clone_model(discriminator)
+    plain.set_weights(discriminator.get_weights())
+    conv_gradients.use("convolution", [discriminator])
+    covered = [layer for layer in discriminator.layers if "convolution_op" in vars(layer)]
+    assert len(covered) == 5  # every 4x4 conv: three of stride 2, two of stride 1
+    x = tf.constant(np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)), tf.float32)
+    ours, theirs = weight_gradients(discriminator, x), weight_gradients(plain, x)
+    scale = max(np.abs(reference).max() for reference in theirs)
+    for mine, reference in zip(ours, theirs):
+        np.testing.assert_allclose(mine / scale, reference / scale, atol=1e-5)
 
 
 def test_tensorflow_leaves_the_layers_alone():
