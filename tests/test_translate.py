@@ -171,7 +171,7 @@ def test_a_generator_with_a_layer_tiles_do_not_know_is_refused_in_one_line():
 
 def test_out_of_memory_is_one_line_naming_max_size_and_tile(generators, tmp_path, capsys,
                                                             monkeypatch):
-    def exhausted(self, images, size=None):
+    def exhausted(self, images, size=None, trace=True):
         raise tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor")
     monkeypatch.setattr(translate.Translator, "__call__", exhausted)
     photos(tmp_path / "in", [(40, 60)])
